@@ -1,0 +1,185 @@
+"""Losses as users pass them (tensor, sequence, mapping) → one checked vector, and the messages."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LossVector:
+    """The losses of one call, in the declared task order.
+
+    ``values`` holds the losses of the tasks in ``present`` (all tasks when ``present`` is None);
+    it keeps the autograd graph of what the user passed.
+    """
+
+    values: Tensor
+    present: tuple[int, ...] | None
+
+
+def task_label(names: tuple[str, ...] | None, index: int) -> str:
+    return f"task {names[index]!r}" if names is not None else f"task {index}"
+
+
+def read_losses(
+    losses: Any,
+    *,
+    param: str,
+    num_tasks: int,
+    names: tuple[str, ...] | None,
+    allow_missing: bool,
+    allow_rows: bool,
+    allow_numbers: bool,
+) -> LossVector:
+    """Check the structure (type, count, names, dtype, device) of ``losses``; no host sync."""
+    k = num_tasks
+    if isinstance(losses, Tensor):
+        return LossVector(_read_tensor(losses, param, k, allow_rows), None)
+    if isinstance(losses, Mapping):
+        return _read_mapping(losses, param, names, allow_missing, allow_numbers)
+    if isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
+        if len(losses) != k:
+            raise ValueError(
+                f"`{param}` should have {k} entries, one per task. Found {len(losses)}."
+            )
+        return LossVector(_stack(list(losses), param, None, allow_numbers), None)
+    raise TypeError(
+        f"`{param}` should be a 1-D tensor of losses, a sequence of scalar tensors or a mapping "
+        f"from task name to scalar tensor. Found {type(losses).__name__}."
+    )
+
+
+def _read_tensor(losses: Tensor, param: str, k: int, allow_rows: bool) -> Tensor:
+    _check_floating(losses, param)
+    if allow_rows and losses.dim() == 2:
+        if losses.shape[0] == 0 or losses.shape[1] != k:
+            raise ValueError(
+                f"`{param}` as a 2-D tensor should have shape (micro_batches, {k}), one column "
+                f"per task and at least one row. Found shape {tuple(losses.shape)}."
+            )
+        # Gradient accumulation: the after-losses of several micro-batches are averaged.
+        return losses.mean(dim=0)
+    if losses.dim() != 1 or losses.shape[0] != k:
+        expected = f"shape ({k},)"
+        if allow_rows:
+            expected += f" (or (micro_batches, {k}))"
+        raise ValueError(
+            f"`{param}` should be a tensor of {expected}, one loss per task. "
+            f"Found shape {tuple(losses.shape)}."
+        )
+    return losses
+
+
+def _read_mapping(
+    losses: Mapping[Any, Any],
+    param: str,
+    names: tuple[str, ...] | None,
+    allow_missing: bool,
+    allow_numbers: bool,
+) -> LossVector:
+    if names is None:
+        raise TypeError(
+            f"`{param}` is a mapping, but this FAMOWeighting was created with a number of tasks, "
+            "so it has no task names. Create it with FAMOWeighting([name, ...]) to pass losses "
+            "by name, or pass a tensor or a sequence in task order."
+        )
+    unknown = [key for key in losses if key not in names]
+    if unknown:
+        raise ValueError(
+            f"`{param}` should only have the declared task names {list(names)} as keys. "
+            f"Found unknown {unknown}."
+        )
+    present = tuple(i for i, name in enumerate(names) if name in losses)
+    if len(present) < len(names):
+        missing = [name for name in names if name not in losses]
+        if not allow_missing:
+            raise ValueError(
+                f"`{param}` should have a loss for every task. Found none for {missing}. "
+                "To leave tasks out of some steps, create FAMOWeighting(..., "
+                "allow_missing_tasks=True)."
+            )
+        if not present:
+            raise ValueError(f"`{param}` should have a loss for at least one task. Found none.")
+    values = _stack([losses[names[i]] for i in present], param, names, allow_numbers, present)
+    return LossVector(values, None if len(present) == len(names) else present)
+
+
+def _stack(
+    items: list[Any],
+    param: str,
+    names: tuple[str, ...] | None,
+    allow_numbers: bool,
+    indices: tuple[int, ...] | None = None,
+) -> Tensor:
+    if not items:
+        raise ValueError(f"`{param}` should have at least one loss. Found an empty sequence.")
+    tensors = []
+    for position, item in enumerate(items):
+        index = indices[position] if indices is not None else position
+        if isinstance(item, Tensor):
+            if item.numel() != 1 or item.dim() > 1:
+                raise ValueError(
+                    f"`{param}` should hold one scalar loss per task. Found shape "
+                    f"{tuple(item.shape)} for {task_label(names, index)}."
+                )
+            _check_floating(item, param)
+            tensors.append(item.reshape(()))
+        elif allow_numbers and isinstance(item, (int, float)) and not isinstance(item, bool):
+            tensors.append(torch.tensor(float(item), dtype=torch.float64))
+        else:
+            kind = "scalar tensors or numbers" if allow_numbers else "scalar tensors"
+            raise TypeError(
+                f"`{param}` should hold {kind}. Found {type(item).__name__} for "
+                f"{task_label(names, index)}."
+            )
+    devices = {item.device for item in items if isinstance(item, Tensor)}
+    if len(devices) > 1:
+        raise ValueError(
+            f"`{param}` should all be on one device. Found {sorted(map(str, devices))}."
+        )
+    if devices:  # numbers (update only) join the tensors' device
+        device = devices.pop()
+        tensors = [t if t.device == device else t.to(device) for t in tensors]
+    return torch.stack(tensors)
+
+
+def _check_floating(losses: Tensor, param: str) -> None:
+    if not losses.is_floating_point():
+        raise TypeError(
+            f"`{param}` should have a floating-point dtype (float16, bfloat16, float32 or "
+            f"float64). Found {losses.dtype}."
+        )
+
+
+def describe_bad_values(
+    values: Tensor,
+    bounds: Tensor,
+    present: tuple[int, ...] | None,
+    param: str,
+    names: tuple[str, ...] | None,
+) -> str:
+    """The message for the first loss that is not finite or not above its bound (slow path)."""
+    indices = present if present is not None else tuple(range(values.shape[0]))
+    cpu_values = values.detach().double().cpu().tolist()
+    cpu_bounds = bounds.detach().double().cpu().tolist()
+    for value, bound, index in zip(cpu_values, cpu_bounds, indices, strict=True):
+        label = task_label(names, index)
+        if not math.isfinite(value):
+            return (
+                f"`{param}` should be finite. Found {value} for {label}. A non-finite loss "
+                "would turn FAMO's weights into NaN; skip this batch (or this step) instead."
+            )
+        if value <= bound:
+            return (
+                f"`{param}` should be above their lower bounds, since FAMO takes "
+                f"log(loss - bound). Found {value!r} for {label}, whose bound is {bound!r}. "
+                "If this loss can reach zero or go negative, pass `min_losses` with a value "
+                "below the lowest it can reach (for example its known minimum)."
+            )
+    raise AssertionError("describe_bad_values called on valid values")
