@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -97,7 +98,7 @@ class FAMOWeighting(nn.Module):
         finite numbers (sequence or tensor). Every loss must stay strictly above its bound.
     :param eps: :math:`\epsilon` inside the logarithm, ≥ 0. Default 1e-8 (official code).
     :param betas: Adam's ``(beta1, beta2)``, each in [0, 1). Default ``(0.9, 0.999)``.
-    :param adam_eps: Adam's epsilon, ≥ 0. Default 1e-8 (``torch.optim.Adam``).
+    :param adam_eps: Adam's epsilon, > 0. Default 1e-8 (``torch.optim.Adam``).
     :param validate: check every loss value (finite, above its bound) before using it. The check
         costs one host synchronisation per call; ``False`` removes it (GPU, ``torch.compile``),
         and a bad value then gives NaN weights instead of an error.
@@ -175,6 +176,11 @@ class FAMOWeighting(nn.Module):
         checked_eps = _check_non_negative("eps", eps)
         checked_betas = _check_betas(betas)
         checked_adam_eps = _check_non_negative("adam_eps", adam_eps)
+        if checked_adam_eps == 0.0:
+            raise ValueError(
+                "`adam_eps` should be > 0: with 0, a step whose gradient is zero divides 0 by 0 "
+                "and turns the logits into NaN. Found `adam_eps = 0.0`."
+            )
         for flag, value in (
             ("validate", validate),
             ("extra_forward", extra_forward),
@@ -189,7 +195,11 @@ class FAMOWeighting(nn.Module):
                 f"{process_group!r}."
             )
         state_dtype = _check_dtype(dtype)
+        for name, value in (("lr", checked_lr), ("gamma", checked_gamma), ("eps", checked_eps)):
+            _check_representable(name, value, state_dtype)
         bounds = _check_min_losses(min_losses, num_tasks)
+        for bound in bounds.tolist() if not torch.isfinite(bounds.to(state_dtype)).all() else ():
+            _check_representable("min_losses", abs(bound), state_dtype)
 
         super().__init__()
         self.task_names: tuple[str, ...] | None = names
@@ -246,7 +256,9 @@ class FAMOWeighting(nn.Module):
         tensor([0.6667, 0.3333], dtype=torch.float64)
         """
         batch = self._read(losses, "losses", for_backward=True)
-        values, mask = self._combine(batch, "losses")
+        values, mask = self._combine(
+            batch, "losses", accumulate=self.extra_forward and self._pending
+        )
         with torch.no_grad():
             if not self.extra_forward and self._pending:
                 self._learn(values, mask, skip=None)
@@ -488,22 +500,35 @@ class FAMOWeighting(nn.Module):
             )
         return batch
 
-    def _combine(self, batch: LossVector, param: str) -> tuple[Tensor, Tensor | None]:
+    def _combine(
+        self, batch: LossVector, param: str, *, accumulate: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         """Checked loss values in the state's dtype and device, averaged over ranks.
+
+        ``accumulate``: the values will be added to the recorded losses (their sum is checked).
 
         Returns a (k,) vector and, where tasks may be missing, the mask of present tasks
         (its other entries are meaningless).
         """
-        values = batch.values.detach()
-        if values.dtype != self.logits.dtype:
-            values = values.to(self.logits.dtype)
+        given = batch.values.detach()
+        values = given.to(self.logits.dtype) if given.dtype != self.logits.dtype else given
         present = batch.present
         if self.validate:
             bounds = self.min_losses if present is None else self.min_losses[list(present)]
             bounds = bounds.to(values.device)
-            if not bool((torch.isfinite(values) & (values > bounds)).all()):
+            # One host sync checks everything the math needs in the state's dtype: a finite
+            # loss − bound + eps above 0 and, where losses accumulate, a finite running sum.
+            good = torch.isfinite(values - bounds + self.eps) & (values > bounds)
+            recorded = None
+            if accumulate:
+                recorded = self.pending_sum if present is None else self.pending_sum[list(present)]
+                recorded = recorded.to(values.device)
+                good &= torch.isfinite(recorded + values)
+            if not bool(good.all()):
                 raise ValueError(
-                    describe_bad_values(values, bounds, present, param, self.task_names)
+                    describe_bad_values(
+                        given, values, bounds, self.eps, recorded, present, param, self.task_names
+                    )
                 )
         if self.logits.device != values.device:
             self.to(values.device)  # the state follows the losses (a copy, nothing changes)
@@ -532,10 +557,12 @@ class FAMOWeighting(nn.Module):
         shifted = values - self.min_losses + self.eps
         if mask is not None:
             shifted = torch.where(mask, shifted, 1.0)
-        z_over_shifted = z / shifted
-        total = z_over_shifted.sum()
-        weights = z_over_shifted / total
-        objective = torch.dot(z, shifted.log()) / total
+        log_shifted = shifted.log()
+        # w ∝ z / D in log space: z / D overflows when D is tiny (eps = 0, loss at 1e-40).
+        scores = logits - log_shifted
+        weights = torch.softmax(scores, dim=0)
+        c = torch.exp(torch.logsumexp(logits, dim=0) - torch.logsumexp(scores, dim=0))
+        objective = c * torch.dot(z, log_shifted)
         return weights, objective
 
     def _record(self, values: Tensor, mask: Tensor | None) -> None:
@@ -570,6 +597,9 @@ class FAMOWeighting(nn.Module):
             delta = torch.where(mask, delta, 0.0)
             z = torch.softmax(self.logits.masked_fill(~mask, -math.inf), dim=0)
             z = torch.where(mask, z, 0.0)  # also clears the NaN of a softmax over no task
+        # Any shift of δ leaves g unchanged; centring on one entry makes tied improvements give
+        # exactly g = 0 (instead of rounding noise that Adam would blow up to a step of ~lr).
+        delta = delta - delta[0]
         grad = z * (delta - torch.dot(z, delta))
         self._adam_step(grad, mask)
         self._clear_pending()
@@ -618,7 +648,7 @@ def _check_tasks(tasks: Any) -> tuple[str, ...] | None:
     for name in names:
         if not isinstance(name, str) or not name:
             raise TypeError(f"`tasks` should hold non-empty strings. Found {name!r}.")
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
         raise ValueError(f"`tasks` should be unique names. Found {duplicates} more than once.")
     return names
@@ -671,6 +701,8 @@ def _check_min_losses(min_losses: Any, num_tasks: int) -> Tensor:
     if isinstance(min_losses, (int, float)):
         bounds = torch.full((num_tasks,), float(min_losses), dtype=torch.float64)
     else:
+        if isinstance(min_losses, Tensor):
+            min_losses = min_losses.detach()  # a bound is a constant, never part of a graph
         try:
             bounds = torch.as_tensor(min_losses, dtype=torch.float64, device="cpu")
         except (TypeError, ValueError, RuntimeError) as error:
@@ -688,6 +720,14 @@ def _check_min_losses(min_losses: Any, num_tasks: int) -> Tensor:
     if not torch.isfinite(bounds).all():
         raise ValueError(f"`min_losses` should be finite. Found {bounds.tolist()}.")
     return bounds
+
+
+def _check_representable(name: str, value: float, dtype: torch.dtype) -> None:
+    if value > torch.finfo(dtype).max:
+        raise ValueError(
+            f"`{name}` should be representable in the state's dtype {dtype} (at most "
+            f"{torch.finfo(dtype).max:.3g}). Found {value!r}; pass dtype=torch.float64."
+        )
 
 
 def _check_skip(skip: Any) -> Tensor | None:

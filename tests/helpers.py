@@ -1,0 +1,37 @@
+"""Small shared pieces of the tests: driving a FAMOWeighting, snapshotting its state."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from famo import FAMOWeighting
+
+
+def loss_weights(famo: FAMOWeighting, losses: Sequence[float]) -> Tensor:
+    """Call ``famo.backward`` on leaf losses and return ∂L/∂ℓ (the weights w)."""
+    leaf = torch.tensor(list(losses), dtype=famo.logits.dtype, requires_grad=True)
+    famo.backward(leaf)
+    assert leaf.grad is not None
+    return leaf.grad
+
+
+def snapshot(famo: FAMOWeighting) -> dict[str, Any]:
+    """A deep copy of everything ``state_dict`` holds."""
+    return {
+        key: value.clone() if isinstance(value, Tensor) else dict(value)
+        for key, value in famo.state_dict().items()
+    }
+
+
+def assert_same_state(famo: FAMOWeighting, before: dict[str, Any]) -> None:
+    after = famo.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        if isinstance(value, Tensor):
+            assert torch.equal(after[key], value), key
+        else:
+            assert after[key] == value, key

@@ -1,0 +1,44 @@
+"""Hypothesis strategies named after the domain: task counts, bounds, loss sequences."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from hypothesis import strategies as st
+
+task_counts = st.integers(min_value=1, max_value=64)
+learning_rates = st.floats(min_value=1e-4, max_value=0.5)
+gammas = st.one_of(st.just(0.0), st.floats(min_value=1e-6, max_value=0.1))
+# log of (loss − bound): losses from e^-4 to e^4 above their bounds
+log_gaps = st.floats(min_value=-4.0, max_value=4.0)
+bound_values = st.floats(min_value=-10.0, max_value=10.0)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A run: hyper-parameters, bounds, and (before, after) loss pairs for each step."""
+
+    num_tasks: int
+    lr: float
+    gamma: float
+    min_losses: tuple[float, ...]
+    steps: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...]
+
+
+@st.composite
+def scenarios(
+    draw: st.DrawFn, max_tasks: int = 64, max_steps: int = 6, with_bounds: bool = True
+) -> Scenario:
+    k = draw(st.integers(min_value=1, max_value=max_tasks))
+    bounds = (
+        tuple(draw(st.lists(bound_values, min_size=k, max_size=k))) if with_bounds else (0.0,) * k
+    )
+    n = draw(st.integers(min_value=1, max_value=max_steps))
+
+    def losses() -> tuple[float, ...]:
+        gaps = draw(st.lists(log_gaps, min_size=k, max_size=k))
+        return tuple(b + math.exp(g) for b, g in zip(bounds, gaps, strict=True))
+
+    steps = tuple((losses(), losses()) for _ in range(n))
+    return Scenario(k, draw(learning_rates), draw(gammas), bounds, steps)
