@@ -142,7 +142,7 @@ def test_loading_a_newer_format_fails_clearly() -> None:
     state["_extra_state"] = {**state["_extra_state"], "format_version": 99}
     state["logits"] = torch.ones(2)
     target = FAMOWeighting(2)
-    with pytest.raises(ValueError, match="format version 99.*Upgrade famo"):
+    with pytest.raises(ValueError, match=r"format version 99.*Upgrade famo"):
         target.load_state_dict(state)
     assert torch.equal(target.logits, torch.zeros(2))
 
