@@ -186,6 +186,7 @@ def qm9(n: int = 20_000, test_fraction: float = 0.2, seed: int = 0, progress: bo
     else:
         features, targets = _read_qm9(n, seed, progress)
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        (CACHE_DIR / ".gitignore").write_text("*\n")  # the cache never enters git
         np.savez_compressed(cache, features=features, targets=targets)
     n_test = round(test_fraction * len(features))
     x = torch.from_numpy(features).float()

@@ -1,0 +1,34 @@
+"""`make bench`: every benchmark in turn, then the README's results section.
+
+python -m benchmarks.run_all             # full set, ~40 minutes on 2 CPU cores
+python -m benchmarks.run_all --smoke --out /tmp/famo-smoke
+"""
+
+from __future__ import annotations
+
+import time
+
+from benchmarks import demo, multimnist, qm9, report, speed, toy
+from benchmarks.common import out_dir, parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__ or "")
+    args = p.parse_args(argv)
+    folder = out_dir(args)
+    shared = ["--out", str(folder)]
+    if args.smoke:
+        shared.append("--smoke")
+    if args.quiet:
+        shared.append("--quiet")
+    for module in (speed, toy, demo, multimnist, qm9):
+        name = module.__name__.rsplit(".", 1)[-1]
+        print(f"\n=== {name} ===", flush=True)
+        start = time.perf_counter()
+        module.main(shared)
+        print(f"--- {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    report.main(["--out", str(folder)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Every benchmark runs in its tiny `--smoke` setting (through `run_all`), so none of them rots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torchjd")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from benchmarks import run_all, toy
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("bench-smoke")
+    run_all.main(["--smoke", "--quiet", "--out", str(folder)])
+    return folder
+
+
+def _written(folder: Path, name: str) -> dict[str, Any]:
+    assert (folder / f"{name}.png").stat().st_size > 0
+    record: dict[str, Any] = json.loads((folder / f"{name}.json").read_text())
+    assert record["machine"]["torch"]
+    assert record["command"].startswith("python")
+    return record
+
+
+def test_toy_smoke(smoke_dir: Path) -> None:
+    record = _written(smoke_dir, "toy")
+    assert set(record["methods"]) == set(toy.METHODS)
+    assert all(len(m["runs"]) == len(toy.STARTS) for m in record["methods"].values())
+
+
+def test_speed_smoke(smoke_dir: Path) -> None:
+    record = _written(smoke_dir, "speed")
+    for row in record["overhead"].values():
+        assert row["ratio_to_floor"]["sum (floor)"] == 1.0
+    assert record["training_steps"]
+
+
+def test_demo_smoke(smoke_dir: Path) -> None:
+    record = _written(smoke_dir, "demo")
+    assert set(record["summary"]) == {"stl", "sum", "famo"}
+
+
+def test_multimnist_smoke(smoke_dir: Path) -> None:
+    record = _written(smoke_dir, "multimnist")
+    assert record["summary"]["stl"]["delta_m"][0] == 0.0
+    assert all(0.0 <= acc <= 1.0 for run in record["runs"]["famo"] for acc in run["accuracy"])
+
+
+def test_qm9_smoke(smoke_dir: Path) -> None:
+    record = _written(smoke_dir, "qm9")
+    assert len(record["targets"]) == 11
+    assert all(mae > 0 for run in record["runs"]["famo"] for mae in run["mae"])
+
+
+def test_report_renders_every_section(smoke_dir: Path) -> None:
+    text = (smoke_dir / "README_results.md").read_text()
+    for title in ("Speed", "toy", "MultiMNIST", "QM9", "Demo"):
+        assert title in text
+
+
+def test_toy_losses_match_the_official_problem() -> None:
+    import torch
+
+    f = toy.toy_losses(torch.tensor([[0.0, -8.0]], dtype=torch.float64))
+    # Below the x2 = 0 ridge only the quadratic bowls remain, scaled by tanh(-x2 / 2).
+    bowl = (49 / 10 - 20) * torch.tanh(torch.tensor(4.0, dtype=torch.float64))
+    assert torch.allclose(f[0], torch.stack([0.1 * bowl, bowl]))
+
+
+def test_smoke_runs_refuse_to_overwrite_results() -> None:
+    with pytest.raises(SystemExit):
+        run_all.main(["--smoke"])
