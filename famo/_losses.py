@@ -48,7 +48,7 @@ def read_losses(
             raise ValueError(
                 f"`{param}` should have {k} entries, one per task. Found {len(losses)}."
             )
-        return LossVector(_stack(list(losses), param, None, allow_numbers), None)
+        return LossVector(_stack(list(losses), param, names, allow_numbers), None)
     raise TypeError(
         f"`{param}` should be a 1-D tensor of losses, a sequence of scalar tensors or a mapping "
         f"from task name to scalar tensor. Found {type(losses).__name__}."
