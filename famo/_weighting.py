@@ -195,11 +195,10 @@ class FAMOWeighting(nn.Module):
                 f"{process_group!r}."
             )
         state_dtype = _check_dtype(dtype)
-        for name, value in (("lr", checked_lr), ("gamma", checked_gamma), ("eps", checked_eps)):
-            _check_representable(name, value, state_dtype)
+        for name, number in (("lr", checked_lr), ("gamma", checked_gamma), ("eps", checked_eps)):
+            _check_representable(name, number, state_dtype)
         bounds = _check_min_losses(min_losses, num_tasks)
-        for bound in bounds.tolist() if not torch.isfinite(bounds.to(state_dtype)).all() else ():
-            _check_representable("min_losses", abs(bound), state_dtype)
+        _check_representable("min_losses", float(bounds.abs().max()), state_dtype)
 
         super().__init__()
         self.task_names: tuple[str, ...] | None = names
@@ -447,13 +446,31 @@ class FAMOWeighting(nn.Module):
                 f"The checkpoint is for tasks {state.get('tasks')!r}, but this FAMOWeighting has "
                 f"tasks {mine!r}. Create it with the same tasks (names and order) to load it."
             )
-        missing = [
-            key
-            for key in ("lr", "gamma", "eps", "betas", "adam_eps", "extra_forward", "pending")
-            if key not in state
-        ]
+        required = (
+            "lr",
+            "gamma",
+            "eps",
+            "betas",
+            "adam_eps",
+            "extra_forward",
+            "allow_missing_tasks",
+            "pending",
+        )
+        missing = [key for key in required if key not in state]
         if missing:
             raise ValueError(f"The checkpoint's FAMOWeighting metadata lacks {missing}.")
+        # Check the values too: torch copies the buffers before `set_extra_state` runs.
+        try:
+            for key in ("lr", "gamma", "eps", "adam_eps"):
+                _check_non_negative(key, state[key])
+            _check_betas(state["betas"])
+            for key in ("extra_forward", "allow_missing_tasks", "pending"):
+                if not isinstance(state[key], bool):
+                    raise TypeError(f"`{key}` should be True or False. Found {state[key]!r}.")
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"The checkpoint's FAMOWeighting metadata is invalid: {error}"
+            ) from None
 
     def _apply(self, fn: Any, recurse: bool = True) -> FAMOWeighting:
         # model.half() / .to(torch.bfloat16) on a model holding this object must not round the
@@ -491,12 +508,20 @@ class FAMOWeighting(nn.Module):
             allow_rows=not for_backward,
             allow_numbers=not for_backward,
         )
-        if for_backward and not (torch.is_grad_enabled() and batch.values.requires_grad):
+        if for_backward and not torch.is_grad_enabled():
+            raise RuntimeError(
+                "`loss` and `backward` should run with autograd enabled: FAMO's loss is "
+                "backpropagated into the model. Found them called inside torch.no_grad() or "
+                "torch.inference_mode(). Call them outside that block; only `update` (with the "
+                "losses recomputed after the step) belongs under no_grad."
+            )
+        if for_backward and not batch.values.requires_grad:
             raise RuntimeError(
                 "`losses` should require grad: FAMO's loss is backpropagated into the model. "
                 "Found losses without autograd history. Was the forward pass run under "
-                "torch.no_grad() or torch.inference_mode(), or were the losses detached "
-                "(.detach(), .item())? Losses recomputed after the step go to `update`."
+                "torch.no_grad() or torch.inference_mode(), were the losses detached "
+                "(.detach(), .item()), or are all the model's parameters frozen "
+                "(requires_grad=False)? Losses recomputed after the step go to `update`."
             )
         return batch
 
