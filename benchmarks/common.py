@@ -32,6 +32,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def single_thread() -> None:
+    """Run torch on one thread: timings then hold up when other processes share the 2 cores
+    (two OpenMP threads competing with a busy neighbour run several times slower)."""
+    torch.set_num_threads(1)
+
+
 def out_dir(args: argparse.Namespace) -> Path:
     """Where to write: --out if given; smoke runs never write into benchmarks/results."""
     if args.out is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from benchmarks.common import out_dir, parser, write_json
+from benchmarks.common import out_dir, parser, single_thread, write_json
 from benchmarks.data import multimnist
 from benchmarks.methods import DESCRIPTIONS
 from benchmarks.multimnist import TASKS, accuracy, plot_curves, summarise, table, train_one
@@ -21,10 +21,11 @@ from benchmarks.multimnist import TASKS, accuracy, plot_curves, summarise, table
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser(__doc__ or "")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     folder = out_dir(args)
+    single_thread()
     n_train, n_test, epochs = (10_000, 2_000, args.epochs)
     if args.smoke:
         n_train, n_test, epochs = (256, 128, 1)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.common import delta_m, mean_std, out_dir, parser, write_json
+from benchmarks.common import delta_m, mean_std, out_dir, parser, single_thread, write_json
 from benchmarks.data import MultiMNIST, multimnist
 from benchmarks.models import multimnist_net
 from benchmarks.train import Run, predict, train
@@ -161,15 +161,15 @@ def _moving_average(values: Tensor, window: int) -> Tensor:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser(__doc__ or "")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=METHODS)
     args = p.parse_args(argv)
     folder = out_dir(args)
+    single_thread()
     n_train, n_test, epochs, seeds = (10_000, 2_000, args.epochs, args.seeds)
     if args.smoke:
         n_train, n_test, epochs, seeds = (256, 128, 1, 1)
-    torch.set_num_threads(torch.get_num_threads())
     data = multimnist(n_train=n_train, n_test=n_test, seed=0)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.methods}
     first: dict[str, Run] = {}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.common import delta_m, mean_std, out_dir, parser, write_json
+from benchmarks.common import delta_m, mean_std, out_dir, parser, single_thread, write_json
 from benchmarks.data import QM9, qm9
 from benchmarks.methods import DESCRIPTIONS
 from benchmarks.models import qm9_net
@@ -138,11 +138,12 @@ def plot(payload: dict[str, Any], famo_run: Run | None, path: Any) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser(__doc__ or "")
     p.add_argument("--molecules", type=int, default=20_000)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=METHODS)
     args = p.parse_args(argv)
     folder = out_dir(args)
+    single_thread()
     molecules, epochs, seeds = args.molecules, args.epochs, args.seeds
     if args.smoke:
         molecules, epochs, seeds = 600, 1, 1

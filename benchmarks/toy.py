@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from benchmarks.common import out_dir, parser, write_json
+from benchmarks.common import out_dir, parser, single_thread, write_json
 
 STARTS = [(-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0)]
 MIN_LOSSES = (-2.1, -21.0)
@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     steps = 200 if args.smoke else args.steps
     folder = out_dir(args)
+    single_thread()
     torch.manual_seed(0)
     record_every = max(1, steps // 500)
     results: dict[str, Any] = {}

@@ -17,8 +17,14 @@ from benchmarks import run_all, toy
 
 @pytest.fixture(scope="module")
 def smoke_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
     folder = tmp_path_factory.mktemp("bench-smoke")
-    run_all.main(["--smoke", "--quiet", "--out", str(folder)])
+    threads = torch.get_num_threads()
+    try:
+        run_all.main(["--smoke", "--quiet", "--out", str(folder)])
+    finally:
+        torch.set_num_threads(threads)  # the benchmarks run single-threaded; leave no trace
     return folder
 
 
