@@ -1,0 +1,167 @@
+"""torch.distributed: real gloo processes (2 ranks on CPU, launched by torchrun).
+
+Every rank holds the same logits after every update, and R ranks training on shards of each
+batch (DDP, FSDP's ``fully_shard``, with and without gradient accumulation) end where one
+process training on the whole batch ends. ``process_group`` picks what is all-reduced.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from famo import FAMOWeighting
+from tests._scripts import distributed_train as worker
+
+SCRIPTS = Path(__file__).resolve().parent / "_scripts"
+ROOT = SCRIPTS.parent.parent
+TIMEOUT_S = 180
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="this torch has no torch.distributed"
+)
+
+
+def torchrun(script: Path, *args: str) -> str:
+    """Run ``script`` on 2 local ranks; kill the whole process group if it hangs."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [*command, str(script), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"torchrun did not finish within {TIMEOUT_S} s:\n{output[-3000:]}")
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("distributed") / "ranks.pt"
+    torchrun(SCRIPTS / "distributed_train.py", str(out))
+    results: list[dict[str, Any]] = torch.load(out)
+    assert [r["world"] for r in results] == [2, 2]
+    return results
+
+
+def one_process(micro_batches: int = 1, world: int = 2) -> dict[str, Any]:
+    """The same training in this process on the whole batch (no process group here)."""
+    batches = []
+    for batch in worker.make_batches(worker.STEPS):
+        # Micro-batch m of the whole batch is micro-batch m of every rank's shard, together.
+        shards = [worker.shard(batch, rank, world) for rank in range(world)]
+        pieces = [
+            (shard[0].chunk(micro_batches)[m], shard[1].chunk(micro_batches)[m])
+            for m in range(micro_batches)
+            for shard in shards
+        ]
+        batches.append((torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])))
+    model, famo = worker.make_model(), FAMOWeighting(worker.TASKS).double()
+    worker.train(model, famo, batches, micro_batches=micro_batches)
+    parameters = {name: p.detach() for name, p in model.named_parameters()}
+    return {"parameters": parameters, "famo": dict(famo.named_buffers())}
+
+
+def assert_same_training(distributed: dict[str, Any], single: dict[str, Any]) -> None:
+    # All-reduced shard means and DDP's averaged gradients add the same numbers in another
+    # order than one process does: equal to float64 rounding, not bit for bit.
+    assert distributed["parameters"].keys() == single["parameters"].keys()
+    for name, value in single["parameters"].items():
+        torch.testing.assert_close(distributed["parameters"][name], value, rtol=1e-12, atol=1e-13)
+    for name in ("logits", "exp_avg", "exp_avg_sq", "steps"):
+        torch.testing.assert_close(
+            distributed["famo"][name], single["famo"][name], rtol=1e-10, atol=1e-13
+        )
+
+
+@pytest.mark.parametrize("run", ["ddp", "ddp_accumulation", "fsdp"])
+def test_every_rank_holds_the_same_logits_after_every_update(
+    ranks: list[dict[str, Any]], run: str
+) -> None:
+    if isinstance(ranks[0][run], str):
+        pytest.skip(f"FSDP does not run on CPU with this torch: {ranks[0][run]}")
+    for result in ranks:
+        assert result[run]["agree"] == [True] * worker.STEPS
+    for name, buffer in ranks[0][run]["famo"].items():
+        assert torch.equal(buffer, ranks[1][run]["famo"][name]), name
+    assert ranks[0][run]["famo"]["logits"].abs().min() > 1e-3  # they did move
+
+
+@pytest.mark.parametrize(("run", "micro_batches"), [("ddp", 1), ("ddp_accumulation", 2)])
+def test_ddp_on_two_ranks_equals_one_process_on_the_whole_batch(
+    ranks: list[dict[str, Any]], run: str, micro_batches: int
+) -> None:
+    single = one_process(micro_batches)
+    for result in ranks:
+        assert_same_training(result[run], single)
+
+
+def test_fsdp_on_two_ranks_equals_one_process_on_the_whole_batch(
+    ranks: list[dict[str, Any]],
+) -> None:
+    if isinstance(ranks[0]["fsdp"], str):
+        pytest.skip(f"FSDP does not run on CPU with this torch: {ranks[0]['fsdp']}")
+    single = one_process()
+    for result in ranks:
+        assert_same_training(result["fsdp"], single)
+
+
+def logits_from(sequence: list[Tensor]) -> Tensor:
+    famo = FAMOWeighting(worker.TASKS).double()
+    for before, after in itertools.pairwise(sequence):
+        famo.loss(before.clone().requires_grad_()).backward()
+        famo.update(after)
+    return famo.logits
+
+
+def test_process_group_chooses_whose_losses_are_learned_from(ranks: list[dict[str, Any]]) -> None:
+    sequence = [torch.tensor(row, dtype=torch.float64) for row in worker.LOSS_SEQUENCE]
+    own = [logits_from([row + rank for row in sequence]) for rank in range(2)]
+    mean = logits_from([row + 0.5 for row in sequence])  # the mean over ranks of row + rank
+    for rank, result in enumerate(ranks):
+        groups = result["groups"]
+        # None (default) and an explicit group of all ranks: the mean over ranks, everywhere.
+        torch.testing.assert_close(groups["default"], mean, rtol=1e-12, atol=1e-15)
+        assert torch.equal(groups["world_group"], groups["default"])
+        # False and a group of one rank: this rank's own losses only.
+        assert torch.equal(groups["off"], own[rank])
+        assert torch.equal(groups["own_group"], own[rank])
+    assert not torch.equal(own[0], own[1])
+
+
+def test_the_readme_torchrun_example_runs() -> None:
+    output = torchrun(SCRIPTS / "readme_ddp.py")
+    assert "weights on every rank:" in output
+
+
+def test_a_group_without_an_initialised_process_group_is_an_error() -> None:
+    famo = FAMOWeighting(2, process_group=None)
+    famo.backward(torch.tensor([1.0, 2.0], requires_grad=True))  # None: one process, fine
+    with pytest.raises(TypeError, match="process_group"):
+        FAMOWeighting(2, process_group="world")
