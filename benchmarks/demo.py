@@ -16,7 +16,16 @@ from typing import Any
 from benchmarks.common import out_dir, parser, single_thread, write_json
 from benchmarks.data import multimnist
 from benchmarks.methods import DESCRIPTIONS
-from benchmarks.multimnist import TASKS, accuracy, plot_curves, summarise, table, train_one
+from benchmarks.multimnist import (
+    BATCH,
+    LR,
+    TASKS,
+    accuracy,
+    plot_curves,
+    summarise,
+    table,
+    train_one,
+)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -61,8 +70,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "n_train": n_train,
             "n_test": n_test,
             "epochs": epochs,
-            "batch_size": 256,
-            "optimizer": "Adam(lr=1e-3)",
+            "batch_size": BATCH,
+            "optimizer": f"Adam(lr={LR})",
             "seed": args.seed,
         },
         "tasks": TASKS,

@@ -20,6 +20,8 @@ from benchmarks.models import multimnist_net
 from benchmarks.train import Run, predict, train
 
 TASKS = ["left", "right"]
+BATCH = 128
+LR = 1e-3
 METHODS = [
     "stl",
     "sum",
@@ -56,10 +58,10 @@ def train_one(
         data.train_labels,
         losses_fn,
         epochs=epochs,
-        batch_size=256,
-        lr=1e-3,
+        batch_size=BATCH,
+        lr=LR,
         seed=seed,
-        record_every=max(1, epochs * len(data.train_images) // 256 // 300),
+        record_every=max(1, epochs * len(data.train_images) // BATCH // 300),
         progress=progress,
         desc=desc or method,
     )
@@ -198,8 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "n_train": n_train,
             "n_test": n_test,
             "epochs": epochs,
-            "batch_size": 256,
-            "optimizer": "Adam(lr=1e-3)",
+            "batch_size": BATCH,
+            "optimizer": f"Adam(lr={LR})",
             "seeds": seeds,
             "metric": "test accuracy, last epoch",
         },
