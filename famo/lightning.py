@@ -1,0 +1,207 @@
+"""FAMO in a PyTorch Lightning ``Trainer`` with automatic optimization (imported only when used).
+
+Lightning calls ``backward`` and ``optimizer.step()`` itself, so FAMO enters in two places:
+
+* ``training_step`` returns ``self.famo.loss(task_losses)``: Lightning backpropagates it (through
+  its ``GradScaler`` under ``precision="16-mixed"``, divided by ``accumulate_grad_batches`` when
+  accumulating), and the losses are recorded;
+* :class:`FAMOCallback` runs the logit step after each optimizer step: it recomputes the task
+  losses on the step's batches without grad, under the Trainer's precision, and calls
+  ``update``; when ``GradScaler`` skipped the step it drops the recorded losses instead.
+
+The :class:`~famo.FAMOWeighting` is a submodule of the ``LightningModule``, so its whole state
+(logits, Adam moments, bounds, hyper-parameters) is in the module's ``state_dict`` and therefore
+in Lightning's own checkpoints; resuming with ``Trainer.fit(ckpt_path=...)`` restores it. The
+callback saves its state only at step boundaries, where it holds nothing.
+
+Uses ``pytorch_lightning`` if it is installed, otherwise ``lightning.pytorch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from famo._weighting import FAMOWeighting
+
+try:
+    import pytorch_lightning as pl
+except ImportError:  # pragma: no cover - the unified `lightning` package
+    import lightning.pytorch as pl  # type: ignore[no-redef]
+
+__all__ = ["FAMOCallback"]
+
+TaskLosses = Callable[["pl.LightningModule", Any], Any]
+
+
+class FAMOCallback(pl.Callback):
+    r"""Calls :meth:`FAMOWeighting.update <famo.FAMOWeighting.update>` after every optimizer step.
+
+    After Lightning's optimizer step (once per ``accumulate_grad_batches`` batches), the callback
+    recomputes the task losses of every batch the step used, with ``torch.no_grad()`` and inside
+    the Trainer's precision context (``autocast`` for ``"bf16-mixed"``/``"16-mixed"``), and calls
+    ``famo.update`` with them (one row per batch, averaged: the accumulation rule of
+    :meth:`~famo.FAMOWeighting.update`). When the Trainer's ``GradScaler`` skipped the step
+    (inf/NaN gradients; its scale went down), the recorded losses are discarded and the logits do
+    not move. With ``FAMOWeighting(extra_forward=False)`` nothing is recomputed: the callback only
+    discards the losses of a skipped step.
+
+    :param losses: how to compute the task losses of a batch: the name of a method of the
+        ``LightningModule`` taking the batch (default ``"task_losses"``), or a callable
+        ``(module, batch) -> losses``. It must return what ``FAMOWeighting.loss`` accepts (a 1-D
+        tensor, a sequence of scalar tensors or a mapping from task name to scalar tensor), and
+        ``training_step`` should pass the same function's result to ``self.famo.loss``.
+    :param weighting: the attribute name of the ``FAMOWeighting`` on the module, or ``None``
+        (default) to find the one ``FAMOWeighting`` among the module's submodules.
+    :raises ValueError: the module holds no ``FAMOWeighting``, or several and ``weighting`` is
+        ``None``; ``losses`` names no method of the module.
+
+    >>> import pytorch_lightning as pl
+    >>> from famo import FAMOWeighting
+    >>> class TwoTasks(pl.LightningModule):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net = torch.nn.Linear(3, 2)
+    ...         self.famo = FAMOWeighting(["a", "b"])  # a submodule: checkpointed with the model
+    ...
+    ...     def task_losses(self, batch):
+    ...         x, y = batch
+    ...         return ((self.net(x) - y) ** 2).mean(dim=0)
+    ...
+    ...     def training_step(self, batch, batch_idx):
+    ...         return self.famo.loss(self.task_losses(batch))
+    ...
+    ...     def configure_optimizers(self):
+    ...         return torch.optim.SGD(self.net.parameters(), lr=0.1)
+    >>> data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randn(8, 2))
+    >>> trainer = pl.Trainer(
+    ...     max_steps=2, callbacks=[FAMOCallback()], logger=False, enable_checkpointing=False,
+    ...     enable_progress_bar=False, enable_model_summary=False,
+    ... )
+    >>> module = TwoTasks()
+    >>> trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))  # doctest: +SKIP
+    """
+
+    def __init__(self, losses: str | TaskLosses = "task_losses", weighting: str | None = None):
+        super().__init__()
+        if not (isinstance(losses, str) or callable(losses)):
+            raise TypeError(
+                "`losses` should be the name of a LightningModule method or a callable "
+                f"(module, batch) -> losses. Found {losses!r}."
+            )
+        if weighting is not None and not isinstance(weighting, str):
+            raise TypeError(
+                f"`weighting` should be an attribute name or None. Found {weighting!r}."
+            )
+        self.losses = losses
+        self.weighting = weighting
+        self._window: list[Any] = []  # the batches since the last optimizer step
+        self._stepped = False
+        self._scale_before: float | None = None
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._famo(pl_module)  # fail at the start, not after the first step
+        if isinstance(self.losses, str) and not callable(getattr(pl_module, self.losses, None)):
+            raise ValueError(
+                f"`losses` names the method {self.losses!r}, but {type(pl_module).__name__} has "
+                "no such method. Define it (batch -> task losses) or pass a callable "
+                "FAMOCallback(losses=lambda module, batch: ...)."
+            )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._window.append(batch)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        self._stepped = True
+        scaler = _scaler(trainer)
+        self._scale_before = scaler.get_scale() if scaler is not None else None
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self._stepped:
+            return  # accumulating: the optimizer has not stepped yet
+        window, self._window, self._stepped = self._window, [], False
+        famo = self._famo(pl_module)
+        if not famo._pending:
+            return  # training_step recorded nothing (it returned None, say)
+        scaler = _scaler(trainer)
+        if (
+            scaler is not None
+            and self._scale_before is not None
+            and scaler.get_scale() < self._scale_before
+        ):
+            famo.discard()  # GradScaler skipped the step: nothing to learn from
+            return
+        if not famo.extra_forward:
+            return  # the next `loss` call updates the logits
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            rows = [self._task_losses(pl_module, batch) for batch in window]
+        famo.update(_average(rows))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": self.losses if isinstance(self.losses, str) else None}
+
+    # ------------------------------------------------------------------ internals
+
+    def _task_losses(self, pl_module: pl.LightningModule, batch: Any) -> Any:
+        if isinstance(self.losses, str):
+            return getattr(pl_module, self.losses)(batch)
+        return self.losses(pl_module, batch)
+
+    def _famo(self, pl_module: pl.LightningModule) -> FAMOWeighting:
+        if self.weighting is not None:
+            found = getattr(pl_module, self.weighting, None)
+            if not isinstance(found, FAMOWeighting):
+                raise ValueError(
+                    f"`weighting` names {self.weighting!r}, but {type(pl_module).__name__}."
+                    f"{self.weighting} is {type(found).__name__}, not a FAMOWeighting."
+                )
+            return found
+        candidates = [m for m in pl_module.modules() if isinstance(m, FAMOWeighting)]
+        if len(candidates) != 1:
+            raise ValueError(
+                f"FAMOCallback should find one FAMOWeighting in {type(pl_module).__name__}. Found "
+                f"{len(candidates)}. Assign one as an attribute in __init__ (self.famo = "
+                "FAMOWeighting(...)), or name it with FAMOCallback(weighting='attribute')."
+            )
+        return candidates[0]
+
+
+def _scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if isinstance(scaler, torch.amp.GradScaler) else None
+
+
+def _average(rows: list[Any]) -> Any:
+    """One step's after-losses from the losses of each of its batches (what `update` takes)."""
+    if len(rows) == 1:
+        return rows[0]
+    if all(isinstance(row, Tensor) for row in rows):
+        return torch.stack(rows)  # (micro_batches, k): `update` averages the rows
+    if all(isinstance(row, Mapping) for row in rows):
+        names = {name for row in rows for name in row}
+        return {
+            name: torch.stack([torch.as_tensor(row[name]) for row in rows if name in row]).mean()
+            for name in names
+        }
+    if all(isinstance(row, Sequence) for row in rows):
+        return torch.stack([torch.stack([torch.as_tensor(v) for v in row]) for row in rows])
+    raise TypeError(
+        "The task losses should be of one form (tensor, sequence or mapping) for every batch. "
+        f"Found {sorted({type(row).__name__ for row in rows})}."
+    )
