@@ -93,7 +93,11 @@ class FAMOWeighting(nn.Module):
     :param lr: learning rate of the logits' Adam, ≥ 0. Default 0.025 (paper and official code).
     :param gamma: weight decay on the logits, ≥ 0, or ``"paper"`` (1e-3, the default: the paper's
         Algorithm 2, LibMTL, TorchJD) or ``"official"`` (1e-5, the official code's class
-        default). The paper's toy uses 0.
+        default). The paper's toy uses 0. Whatever ``gamma``, one update moves a logit by at
+        most about 7.3 ``lr`` (Adam's bound for the default betas), so the logits stay finite.
+        With 0 nothing pulls them back: a task whose weight has collapsed (to ~1e-8, or to
+        exactly 0 in float32) gets almost no gradient and can stay collapsed long after its
+        loss stops improving; ``gamma`` > 0 decays the logits towards uniform weights.
     :param min_losses: lower bounds :math:`b`: ``None`` (zeros), one number for all tasks, or k
         finite numbers (sequence or tensor). Every loss must stay strictly above its bound.
     :param eps: :math:`\epsilon` inside the logarithm, ≥ 0. Default 1e-8 (official code).

@@ -285,3 +285,20 @@ def _adversarial_run(steps: int, seed: int, k: int, lr: float) -> None:
 def test_a_long_adversarial_run_keeps_the_logits_finite(seed: int, k: int, lr: float) -> None:
     """A million updates under the deep profile, 10,000 in CI (the loop runs ~5k steps/s)."""
     _adversarial_run(1_000_000 if DEEP else 10_000, seed, k, lr)
+
+
+def _collapse_then_reverse(gamma: float) -> float:
+    """Task 0 improves far more than task 1, then far less: task 0's final weight."""
+    famo = FAMOWeighting(2, gamma=gamma, lr=1.0)
+    leaf = torch.ones(2, requires_grad=True)
+    for after in [(1e-30, 0.999)] * 300 + [(0.999, 1e-30)] * 1000:
+        famo.loss(leaf)
+        famo.update(after)
+    assert torch.isfinite(famo.logits).all()
+    return famo.weights[0].item()
+
+
+def test_with_gamma_zero_a_collapsed_weight_stays_collapsed_and_decay_lets_it_recover() -> None:
+    """What γ = 0 allows (the ``gamma`` docstring): finite logits, but no way back."""
+    assert _collapse_then_reverse(0.0) < 1e-6
+    assert _collapse_then_reverse(0.01) > 0.5
