@@ -280,13 +280,30 @@ class FAMOWeighting(nn.Module):
         :param losses: as in :meth:`loss`.
         :param kwargs: passed to :meth:`torch.Tensor.backward` (``retain_graph``, ``inputs``, …).
 
+        If the backward pass itself raises (out of memory, a freed graph), this call records
+        nothing, so the step can be retried, for example on a smaller batch.
+
         >>> famo = FAMOWeighting(3)
         >>> head = torch.nn.Linear(2, 3)
         >>> famo.backward(head(torch.ones(1, 2)).squeeze(0).exp())
         >>> head.weight.grad.shape
         torch.Size([3, 2])
         """
-        self.loss(losses).backward(**kwargs)  # type: ignore[no-untyped-call]
+        recorded = (self.pending_sum.clone(), self.pending_count.clone(), self._pending)
+        objective = self.loss(losses)
+        try:
+            objective.backward(**kwargs)  # type: ignore[no-untyped-call]
+        except BaseException:
+            # The backward pass failed (out of memory, a freed graph, a hook), so no optimizer
+            # step follows: forget what this call recorded, so that a retry is not averaged with
+            # it. (With extra_forward=False the logit step from the previous batch stands.)
+            if self.extra_forward:
+                self.pending_sum.copy_(recorded[0])
+                self.pending_count.copy_(recorded[1])
+                self._pending = recorded[2]
+            else:
+                self._clear_pending()
+            raise
 
     def update(
         self,

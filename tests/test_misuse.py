@@ -168,3 +168,58 @@ def test_mapping_for_an_unnamed_object_explains_how_to_name_tasks() -> None:
     famo = FAMOWeighting(2)
     with pytest.raises(TypeError, match=r"FAMOWeighting\(\[name, \.\.\.\]\)"):
         famo.backward({"a": torch.tensor(1.0, requires_grad=True)})
+
+
+class _FailingBackward(torch.autograd.Function):
+    """Identity whose backward raises, like running out of memory half-way through backward."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("simulated: out of memory during backward")
+
+
+def test_a_backward_that_runs_out_of_memory_records_nothing() -> None:
+    """The usual OOM retry (halve the batch, try again) must match a run that never failed."""
+    failing, clean = FAMOWeighting(2), FAMOWeighting(2)
+    for famo in (failing, clean):  # one ordinary step first, so that there is history
+        famo.backward(_leaf(1.0, 2.0))
+        famo.update([0.8, 1.9])
+    before = snapshot(failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        failing.backward(_FailingBackward.apply(_leaf(3.0, 3.0)))
+    assert_same_state(failing, before)
+    for famo in (failing, clean):  # the retry
+        famo.backward(_leaf(0.7, 1.8))
+        famo.update([0.6, 1.7])
+    assert_same_state(failing, snapshot(clean))
+
+
+def test_without_extra_forward_a_failed_backward_is_a_skipped_step() -> None:
+    """The failed batch still tells how the previous step went; it is then discarded."""
+    failing = FAMOWeighting(2, extra_forward=False)
+    clean = FAMOWeighting(2, extra_forward=False)
+    failing.backward(_leaf(1.0, 2.0))
+    with pytest.raises(torch.OutOfMemoryError):
+        failing.backward(_FailingBackward.apply(_leaf(0.8, 1.9)))
+    clean.backward(_leaf(1.0, 2.0))
+    clean.loss(_leaf(0.8, 1.9))
+    clean.discard()
+    for famo in (failing, clean):
+        famo.backward(_leaf(0.7, 1.8))
+        famo.backward(_leaf(0.6, 1.7))
+    assert_same_state(failing, snapshot(clean))
+    assert not torch.equal(clean.logits, torch.zeros(2))
+
+
+def test_backward_twice_through_a_freed_graph_records_the_losses_once() -> None:
+    famo = FAMOWeighting(2)
+    losses = _leaf(1.0, 2.0) * 1.0
+    famo.backward(losses)
+    once = snapshot(famo)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        famo.backward(losses)
+    assert_same_state(famo, once)
