@@ -320,7 +320,7 @@ class FAMOWeighting(nn.Module):
 
         :param new_losses: the k losses after the step, in any form :meth:`loss` accepts (plain
             numbers allowed), or a 2-D tensor of shape (micro_batches, k) whose rows are averaged
-            (gradient accumulation).
+            (gradient accumulation). Values on another device than the state are moved to it.
         :param skip: ``True`` when the optimizer step did not happen (for example
             ``GradScaler`` found inf/NaN gradients): the recorded losses are dropped and the
             logits do not move. A 0-dim bool tensor does the same without a host sync.
@@ -348,7 +348,7 @@ class FAMOWeighting(nn.Module):
             )
         skip_mask = _check_skip(skip)
         batch = self._read(new_losses, "new_losses", for_backward=False)
-        values, mask = self._combine(batch, "new_losses")
+        values, mask = self._combine(batch, "new_losses", follow=False)
         with torch.no_grad():
             if skip is not True:
                 if skip_mask is not None:
@@ -547,19 +547,28 @@ class FAMOWeighting(nn.Module):
         return batch
 
     def _combine(
-        self, batch: LossVector, param: str, *, accumulate: bool = False
+        self, batch: LossVector, param: str, *, accumulate: bool = False, follow: bool = True
     ) -> tuple[Tensor, Tensor | None]:
         """Checked loss values in the state's dtype and device, averaged over ranks.
 
         ``accumulate``: the values will be added to the recorded losses (their sum is checked).
+        ``follow``: the state moves to the values' device (``loss``: the losses live with the
+        model); otherwise the values move to the state's (``update``: plain numbers, CPU values).
 
         Returns a (k,) vector and, where tasks may be missing, the mask of present tasks
         (its other entries are meaningless).
         """
         given = batch.values.detach()
+        if not follow and given.device != self.logits.device:
+            given = given.to(self.logits.device)
         values = given.to(self.logits.dtype) if given.dtype != self.logits.dtype else given
         present = batch.present
         if self.validate:
+            if values.device.type == "meta":
+                raise ValueError(
+                    f"`{param}` are on the meta device, which holds no values to check. Create "
+                    "FAMOWeighting(..., validate=False) to run on meta tensors."
+                )
             bounds = self.min_losses if present is None else self.min_losses[list(present)]
             bounds = bounds.to(values.device)
             # One host sync checks everything the math needs in the state's dtype: a finite
