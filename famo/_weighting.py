@@ -445,6 +445,14 @@ class FAMOWeighting(nn.Module):
                 )
             if not torch.isfinite(value).all():
                 raise ValueError(f"The checkpoint's `{name}` should be finite. It is not.")
+        if strict:  # torch reports unexpected keys only after copying the buffers
+            known = {prefix + name for name in _STATE_BUFFERS} | {extra_key}
+            unexpected = [key for key in ours if key not in known]
+            if unexpected:
+                raise ValueError(
+                    f"The checkpoint has keys that no FAMOWeighting state holds: {unexpected}. "
+                    "Is it from another model, or saved from a different object?"
+                )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -253,6 +253,7 @@ class FAMOMachine(RuleBasedStateMachine):
                 "bad lr",
                 "extra not a dict",
                 "missing key",
+                "unexpected key",
             ]
         ),
     )
@@ -276,6 +277,8 @@ class FAMOMachine(RuleBasedStateMachine):
             extra["lr"] = -1.0
         elif damage == "extra not a dict":
             state["_extra_state"] = [1]
+        elif damage == "unexpected key":
+            state["head.weight"] = torch.zeros(2)
         else:
             del extra["allow_missing_tasks"]
         assert not self._call(lambda: self.famo.load_state_dict(state), "load damaged"), damage
