@@ -116,7 +116,7 @@ def pareto_front(points: int = 101, steps: int = 4000) -> Tensor:
     return x.detach()
 
 
-def plot(results: dict[str, Any], front: Tensor, path: Any) -> None:
+def plot(results: dict[str, Any], front: Tensor, path: Any, steps: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,7 +126,10 @@ def plot(results: dict[str, Any], front: Tensor, path: Any) -> None:
     xx, yy = torch.meshgrid(grid, grid, indexing="xy")
     f = toy_losses(torch.stack([xx, yy], dim=-1))
     names = list(results)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.4), sharey=True)
+    cols = 2
+    rows = (len(names) + cols - 1) // cols
+    fig, grid_axes = plt.subplots(rows, cols, figsize=(10, 5 * rows), squeeze=False)
+    axes = grid_axes.ravel()
     colors = ["tab:red", "tab:orange", "tab:green", "tab:purple", "tab:brown"]
     for ax, name in zip(axes, names, strict=True):
         ax.contour(xx, yy, f[..., 0], levels=12, cmap="Blues", linewidths=0.7)
@@ -145,14 +148,15 @@ def plot(results: dict[str, Any], front: Tensor, path: Any) -> None:
         ax.set_xlim(-10, 10)
         ax.set_ylim(-10, 10)
         ax.set_xlabel("θ₁")
+        ax.set_ylabel("θ₂")
         ax.set_aspect("equal")
-    axes[0].set_ylabel("θ₂")
     axes[0].legend(loc="upper right", fontsize=8)
     fig.suptitle(
-        "Toy (f1 contours blue, f2 grey): ● start, ★ Pareto-stationary end, ✕ stalled end",
+        f"The paper's toy, {steps:,} Adam steps from five starts (●)\n"
+        "contours: f1 blue, f2 grey; ends: ★ Pareto-stationary, ✕ stalled",
         fontsize=11,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "trajectory": traj.tolist(),
         }
     front = pareto_front(steps=200 if args.smoke else 4000)
-    plot(results, front, folder / "toy.png")
+    plot(results, front, folder / "toy.png", steps)
     payload = {
         "steps": steps,
         "optimizer": "Adam(lr=1e-3) on the point; FAMO lr 0.025, min_losses (-2.1, -21)",
