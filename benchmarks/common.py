@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -54,12 +55,23 @@ def machine() -> dict[str, Any]:
     """The machine and software that produced a result."""
     return {
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def command() -> str:
@@ -83,8 +95,20 @@ def write_json(directory: Path, name: str, payload: dict[str, Any]) -> Path:
         **payload,
     }
     path = directory / f"{name}.json"
-    path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    path.write_text(dumps(record))
     return path
+
+
+_NUMBER_LIST = re.compile(r"\[\s*([-+0-9.eE]+(?:,\s*[-+0-9.eE]+)*)\s*\]")
+
+
+def dumps(record: dict[str, Any]) -> str:
+    """Indented JSON with innermost lists of numbers kept on one line (small, readable diffs)."""
+    text = json.dumps(record, indent=2)
+    return (
+        _NUMBER_LIST.sub(lambda m: "[" + ", ".join(re.split(r",\s*", m.group(1))) + "]", text)
+        + "\n"
+    )
 
 
 def delta_m(

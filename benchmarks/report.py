@@ -46,7 +46,7 @@ SECTIONS: list[tuple[str, str, str]] = [  # (result name, title, what it answers
 def _machine_line(record: dict[str, Any]) -> str:
     m = record["machine"]
     return (
-        f"`{record['command']}` on {m['processor']}, {m['cpu_count']} cores "
+        f"`{record['command']}` on {m.get('cpu_model', m['processor'])}, {m['cpu_count']} cores "
         f"({m['platform']}), torch {m['torch']}, {record['created']}"
     )
 

@@ -161,6 +161,11 @@ def plot(results: dict[str, Any], front: Tensor, path: Any, steps: int) -> None:
     plt.close(fig)
 
 
+def _rounded(values: Tensor) -> Any:
+    """Nested lists with 4 decimals: enough for a plot, and a small JSON file."""
+    return torch.round(values, decimals=4).tolist()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser(__doc__ or "")
     p.add_argument("--steps", type=int, default=50_000)
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     folder = out_dir(args)
     single_thread()
     torch.manual_seed(0)
-    record_every = max(1, steps // 500)
+    record_every = max(1, steps // 250)
     results: dict[str, Any] = {}
     for name, gamma in METHODS.items():
         traj, final = run(gamma, steps, record_every, progress=not args.quiet, desc=f"toy {name}")
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 }
                 for s in range(len(STARTS))
             ],
-            "trajectory": traj.tolist(),
+            "trajectory": _rounded(traj),
         }
     front = pareto_front(steps=200 if args.smoke else 4000)
     plot(results, front, folder / "toy.png", steps)
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "optimizer": "Adam(lr=1e-3) on the point; FAMO lr 0.025, min_losses (-2.1, -21)",
         "tolerance": args.tol,
         "methods": results,
-        "pareto_front": front.tolist(),
+        "pareto_front": _rounded(front),
     }
     write_json(folder, "toy", payload)
     print(table(payload))
