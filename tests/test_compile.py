@@ -3,8 +3,10 @@ training step that calls them compiles with ``torch.compile`` and matches eager.
 
 from __future__ import annotations
 
+import runpy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from famo import FAMOWeighting
 
 aten = torch.ops.aten
+SCRIPTS = Path(__file__).resolve().parent / "_scripts"
 
 #: Operators that make the host wait for the device: reading a value into Python, or a result
 #: whose shape depends on the data.
@@ -191,12 +194,24 @@ def test_loss_and_update_compile_without_graph_breaks(extra_forward: bool) -> No
     assert compiled[1].logits.abs().min() > 1e-3
 
 
+def no_compile(model: Any = None, **options: Any) -> Any:
+    """Stands in for ``torch.compile``: the same code, run eagerly."""
+    return model if model is not None else (lambda fn: fn)
+
+
 @pytest.mark.slow
 @ignore_autograd_function_warning
 @ignore_script_method_warning
-def test_the_loop_compiles_with_inductor_and_matches_eager() -> None:
+def test_the_readme_loop_compiles_with_inductor_and_matches_eager(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The README's torch.compile example, verbatim, with the default backend (inductor).
     torch._dynamo.reset()
-    eager = run(make_setup(), lambda fn: fn)
-    compiled = run(make_setup(), lambda fn: torch.compile(fn, fullgraph=True))  # inductor
-    assert_close_runs(eager, compiled)
-    assert compiled[1].steps.tolist() == [4.0] * 3
+    torch.manual_seed(0)
+    compiled = runpy.run_path(str(SCRIPTS / "readme_compile.py"), run_name="readme_compile")
+    monkeypatch.setattr(torch, "compile", no_compile)
+    torch.manual_seed(0)
+    eager = runpy.run_path(str(SCRIPTS / "readme_compile.py"), run_name="readme_eager")
+    assert_close_runs((compiled["model"], compiled["famo"]), (eager["model"], eager["famo"]))
+    assert compiled["famo"].steps.tolist() == [20.0, 20.0]
+    assert compiled["famo"].logits.abs().min() > 1e-3

@@ -7,6 +7,7 @@ Trainer's precision, and does not learn from a step that its GradScaler skipped.
 
 from __future__ import annotations
 
+import runpy
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ pytestmark = [
 
 TASKS = 3
 BATCH = 8
+SCRIPTS = Path(__file__).resolve().parent / "_scripts"
 
 
 class MultiTask(pl.LightningModule):  # type: ignore[misc]
@@ -224,3 +226,17 @@ def test_a_module_without_famo_or_the_losses_method_fails_at_the_start() -> None
     run.callbacks[0].losses = "losses_of"
     with pytest.raises(ValueError, match="no such method"):
         run.fit(MultiTask().double(), loader(1))
+
+
+def test_the_readme_lightning_example_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # Lightning writes its checkpoints under the working directory
+    torch.manual_seed(0)
+    namespace = runpy.run_path(str(SCRIPTS / "readme_lightning.py"), run_name="readme_lightning")
+    famo = namespace["module"].famo
+    assert famo.steps.tolist() == [20.0, 20.0]
+    assert famo.weights[1] > famo.weights[0]  # the task with 30× the scale gets more weight
+    assert "weights:" in capsys.readouterr().out
+    checkpoint = next(tmp_path.glob("checkpoints/*.ckpt"))
+    assert "famo.logits" in torch.load(checkpoint, weights_only=False)["state_dict"]
