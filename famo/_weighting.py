@@ -445,6 +445,20 @@ class FAMOWeighting(nn.Module):
                 )
             if not torch.isfinite(value).all():
                 raise ValueError(f"The checkpoint's `{name}` should be finite. It is not.")
+        for name in ("exp_avg_sq", "steps", "pending_count"):
+            if bool((state_dict[prefix + name] < 0).any()):
+                raise ValueError(f"The checkpoint's `{name}` should be ≥ 0. It is not.")
+        extra = state_dict[extra_key]
+        recorded = state_dict[prefix + "pending_count"] > 0
+        if extra["pending"]:
+            consistent = bool(recorded.all() or (extra["allow_missing_tasks"] and recorded.any()))
+        else:
+            consistent = not bool(recorded.any() or state_dict[prefix + "pending_sum"].any())
+        if not consistent:
+            raise ValueError(
+                "The checkpoint's recorded losses (`pending_sum`, `pending_count`) do not match "
+                f"its `pending` flag ({extra['pending']}): it was not written by FAMOWeighting."
+            )
         if strict:  # torch reports unexpected keys only after copying the buffers
             known = {prefix + name for name in _STATE_BUFFERS} | {extra_key}
             unexpected = [key for key in ours if key not in known]

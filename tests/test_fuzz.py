@@ -254,6 +254,9 @@ class FAMOMachine(RuleBasedStateMachine):
                 "extra not a dict",
                 "missing key",
                 "unexpected key",
+                "negative exp_avg_sq",
+                "negative steps",
+                "pending without counts",
             ]
         ),
     )
@@ -279,6 +282,13 @@ class FAMOMachine(RuleBasedStateMachine):
             state["_extra_state"] = [1]
         elif damage == "unexpected key":
             state["head.weight"] = torch.zeros(2)
+        elif damage == "negative exp_avg_sq":
+            state["exp_avg_sq"] = state["exp_avg_sq"] - 1.0
+        elif damage == "negative steps":
+            state["steps"] = state["steps"] - 1.0
+        elif damage == "pending without counts":
+            extra["pending"] = True
+            state["pending_count"] = torch.zeros_like(state["pending_count"])
         else:
             del extra["allow_missing_tasks"]
         assert not self._call(lambda: self.famo.load_state_dict(state), "load damaged"), damage
