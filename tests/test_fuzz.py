@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -32,6 +32,7 @@ from hypothesis.stateful import (
 
 from famo import FAMOWeighting
 from tests.helpers import assert_same_state, snapshot
+from tests.strategies import Scenario, scenarios
 
 DOCUMENTED = (TypeError, ValueError, RuntimeError)
 
@@ -357,3 +358,31 @@ def test_bad_constructor_arguments_name_the_parameter(
     name = next(iter(kwargs), "tasks")
     with pytest.raises(error, match=f"`{name}`"):
         FAMOWeighting(tasks, **kwargs)
+
+
+@given(scenario=scenarios(max_tasks=8), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_the_unchecked_fast_path_equals_the_checked_one_on_valid_input(
+    scenario: Scenario, dtype: torch.dtype
+) -> None:
+    """``validate=False`` only drops the checks: on valid losses it is bit-identical."""
+    objects = [
+        FAMOWeighting(
+            scenario.num_tasks,
+            lr=scenario.lr,
+            gamma=scenario.gamma,
+            min_losses=scenario.min_losses,
+            validate=validate,
+            dtype=dtype,
+        )
+        for validate in (True, False)
+    ]
+    for before, after in scenario.steps:
+        grads = []
+        for famo in objects:
+            leaf = torch.tensor(before, dtype=dtype, requires_grad=True)
+            famo.backward(leaf)
+            grads.append(leaf.grad)
+            famo.update(torch.tensor(after, dtype=dtype))
+        assert grads[0] is not None and grads[1] is not None
+        assert torch.equal(grads[0], grads[1])
+    assert_same_state(objects[1], snapshot(objects[0]))
