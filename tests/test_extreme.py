@@ -302,3 +302,16 @@ def test_with_gamma_zero_a_collapsed_weight_stays_collapsed_and_decay_lets_it_re
     """What γ = 0 allows (the ``gamma`` docstring): finite logits, but no way back."""
     assert _collapse_then_reverse(0.0) < 1e-6
     assert _collapse_then_reverse(0.01) > 0.5
+
+
+def test_an_objective_beyond_float32_is_inf_but_its_gradient_stays_exact() -> None:
+    """L = c·Σ z log D is about D·log D: past ~4e36 in float32 its value is inf (loudly, like
+    ``losses.sum()`` would be), while the gradient, the weights w, stays exact."""
+    losses = torch.tensor([1e37, 5e36], requires_grad=True)
+    objective = FAMOWeighting(2).loss(losses)
+    objective.backward()
+    assert objective.item() == math.inf
+    assert losses.grad is not None
+    torch.testing.assert_close(losses.grad, torch.tensor([1 / 3, 2 / 3]))
+    wide = torch.tensor([1e37, 5e36], dtype=torch.float64)
+    assert math.isfinite(FAMOWeighting(2, dtype=torch.float64).loss(wide.requires_grad_()).item())
