@@ -771,12 +771,14 @@ def _check_dtype(dtype: Any) -> torch.dtype:
 
 
 def _check_min_losses(min_losses: Any, num_tasks: int) -> Tensor:
+    # On the CPU whatever the default device (`with torch.device("meta"):` included): these are
+    # checked here in Python, then copied into the state's buffers.
     if min_losses is None:
-        return torch.zeros(num_tasks, dtype=torch.float64)
+        return torch.zeros(num_tasks, dtype=torch.float64, device="cpu")
     if isinstance(min_losses, bool):
         raise TypeError(f"`min_losses` should be numbers. Found {min_losses!r}.")
     if isinstance(min_losses, (int, float)):
-        bounds = torch.full((num_tasks,), float(min_losses), dtype=torch.float64)
+        bounds = torch.full((num_tasks,), float(min_losses), dtype=torch.float64, device="cpu")
     else:
         if isinstance(min_losses, Tensor):
             min_losses = min_losses.detach()  # a bound is a constant, never part of a graph

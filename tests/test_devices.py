@@ -5,6 +5,7 @@ another device; the CUDA tests run where one is available."""
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 import torch
@@ -20,8 +21,9 @@ def devices_of(famo: FAMOWeighting) -> set[str]:
     return {getattr(famo, name).device.type for name in STATE}
 
 
-def trained(steps: int = 3, **options: object) -> FAMOWeighting:
-    famo = FAMOWeighting(3, gamma=0.01, min_losses=[0.0, 0.5, -1.0], **options).double()
+def trained(steps: int = 3, **options: Any) -> FAMOWeighting:
+    options.setdefault("min_losses", [0.0, 0.5, -1.0])
+    famo = FAMOWeighting(3, gamma=0.01, **options).double()
     losses = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     for _ in range(steps):
         famo.backward(losses.clone().requires_grad_())
@@ -91,16 +93,19 @@ def test_to_moves_the_whole_state_and_keeps_its_precision() -> None:
     assert model["head"].weight.dtype == torch.float16
 
 
-def test_a_checkpoint_loads_into_an_object_created_on_the_meta_device() -> None:
+@pytest.mark.parametrize("min_losses", [None, -1.0, [0.0, 0.5, -1.0]])
+def test_a_checkpoint_loads_into_an_object_created_on_the_meta_device(
+    min_losses: float | list[float] | None,
+) -> None:
     # Deferred initialisation: create on "meta", then load real tensors with assign=True.
-    original = trained()
+    original = trained(min_losses=min_losses)
     buffer = io.BytesIO()
     torch.save(original.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, map_location="cpu")
 
     with torch.device("meta"):
-        restored = FAMOWeighting(3, gamma=0.01, min_losses=[0.0, 0.5, -1.0], dtype=torch.float64)
+        restored = FAMOWeighting(3, gamma=0.01, min_losses=min_losses, dtype=torch.float64)
     assert devices_of(restored) == {"meta"}
     restored.load_state_dict(state, assign=True)
     assert devices_of(restored) == {"cpu"}
