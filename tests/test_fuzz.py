@@ -99,7 +99,7 @@ class FAMOMachine(RuleBasedStateMachine):
             gamma=gamma,
             min_losses=self.bounds,
             eps=eps,
-            allow_missing_tasks=allow_missing and named,
+            allow_missing_tasks=allow_missing,
             extra_forward=extra_forward,
             dtype=dtype,
         )
