@@ -139,3 +139,9 @@ def famo_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def seconds_cell(entry: dict[str, Any], key: str) -> str:
+    """A table cell for the mean of `entry[key]` (mean, std) in seconds; — where not recorded."""
+    value = entry.get(key, [float("nan")])[0]
+    return "—" if value != value else f"{value:.0f}"  # NaN != NaN

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "seed": args.seed,
                 "accuracy": accuracy(run, data),
                 "wall_time": run.wall_time,
+                "cpu_time": run.cpu_time,
                 "steps": run.steps,
             }
         ]

@@ -22,6 +22,7 @@ class Run:
     model: nn.Module
     wall_time: float
     steps: int
+    cpu_time: float = 0.0  # this process's CPU seconds: fair even when a neighbour shares cores
     history_steps: list[int] = field(default_factory=list)
     history_losses: list[list[float]] = field(default_factory=list)  # train batch losses
     history_weights: list[list[float]] = field(default_factory=list)  # FAMO's weights, if any
@@ -57,6 +58,7 @@ def train(
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
     model.train()
     start = time.perf_counter()
+    start_cpu = time.process_time()
     for _ in range(epochs):
         permutation = torch.randperm(n, generator=order)
         for b in range(steps_per_epoch):
@@ -78,6 +80,7 @@ def train(
             bar.update()
         method.end_epoch()
     run.wall_time = time.perf_counter() - start
+    run.cpu_time = time.process_time() - start_cpu
     bar.close()
     model.eval()
     return run
