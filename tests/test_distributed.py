@@ -155,6 +155,20 @@ def test_process_group_chooses_whose_losses_are_learned_from(ranks: list[dict[st
     assert not torch.equal(own[0], own[1])
 
 
+def test_tasks_missing_on_some_ranks_average_over_the_ranks_that_have_them(
+    ranks: list[dict[str, Any]],
+) -> None:
+    # Rank 0 has tasks a and b, rank 1 has b and c (its losses are shifted by 1): a learns from
+    # rank 0 only, c from rank 1 only, b from the mean of both.
+    shift = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    expected = logits_from(
+        [torch.tensor(row, dtype=torch.float64) + shift for row in worker.LOSS_SEQUENCE]
+    )
+    for result in ranks:
+        torch.testing.assert_close(result["groups"]["missing"], expected, rtol=1e-12, atol=1e-15)
+    assert torch.equal(ranks[0]["groups"]["missing"], ranks[1]["groups"]["missing"])
+
+
 def test_the_readme_torchrun_example_runs() -> None:
     output = torchrun(SCRIPTS / "readme_ddp.py")
     assert "weights on every rank:" in output

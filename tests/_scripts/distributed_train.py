@@ -142,6 +142,15 @@ def run_groups(rank: int, world: int) -> dict[str, Tensor]:
             losses = torch.tensor(before, dtype=torch.float64) + rank
             famo.loss(losses.requires_grad_()).backward()
             famo.update(torch.tensor(after, dtype=torch.float64) + rank)
+    # Tasks missing on some ranks: each task's loss is the mean over the ranks that have it.
+    names = ["a", "b", "c"]
+    missing = FAMOWeighting(names, allow_missing_tasks=True).double()
+    mine = names[rank : rank + 2]  # rank 0: a, b; rank 1: b, c
+    for before, after in itertools.pairwise(LOSS_SEQUENCE):
+        losses = {n: torch.tensor(before[names.index(n)] + rank, dtype=torch.float64) for n in mine}
+        missing.loss({n: v.requires_grad_() for n, v in losses.items()}).backward()
+        missing.update({n: after[names.index(n)] + rank for n in mine})
+    objects["missing"] = missing
     return {name: famo.logits.clone() for name, famo in objects.items()}
 
 
