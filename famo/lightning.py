@@ -12,7 +12,7 @@ Lightning calls ``backward`` and ``optimizer.step()`` itself, so FAMO enters in 
 The :class:`~famo.FAMOWeighting` is a submodule of the ``LightningModule``, so its whole state
 (logits, Adam moments, bounds, hyper-parameters) is in the module's ``state_dict`` and therefore
 in Lightning's own checkpoints; resuming with ``Trainer.fit(ckpt_path=...)`` restores it. The
-callback saves its state only at step boundaries, where it holds nothing.
+callback itself holds nothing between optimizer steps, so it has no state to checkpoint.
 
 Uses ``pytorch_lightning`` if it is installed, otherwise ``lightning.pytorch``.
 """
@@ -56,8 +56,9 @@ class FAMOCallback(pl.Callback):
         ``training_step`` should pass the same function's result to ``self.famo.loss``.
     :param weighting: the attribute name of the ``FAMOWeighting`` on the module, or ``None``
         (default) to find the one ``FAMOWeighting`` among the module's submodules.
-    :raises ValueError: the module holds no ``FAMOWeighting``, or several and ``weighting`` is
-        ``None``; ``losses`` names no method of the module.
+    :raises ValueError: (when the Trainer starts) the module holds no ``FAMOWeighting``, or
+        several and ``weighting`` is ``None``; ``losses`` names no method of the module; the
+        module uses manual optimization.
 
     >>> import pytorch_lightning as pl
     >>> from famo import FAMOWeighting
@@ -106,6 +107,12 @@ class FAMOCallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._famo(pl_module)  # fail at the start, not after the first step
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "FAMOCallback works with Lightning's automatic optimization. With "
+                "automatic_optimization = False, call self.famo.update(new_losses) in "
+                "training_step yourself, after optimizer.step()."
+            )
         if isinstance(self.losses, str) and not callable(getattr(pl_module, self.losses, None)):
             raise ValueError(
                 f"`losses` names the method {self.losses!r}, but {type(pl_module).__name__} has "
@@ -152,9 +159,6 @@ class FAMOCallback(pl.Callback):
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             rows = [self._task_losses(pl_module, batch) for batch in window]
         famo.update(_average(rows))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"losses": self.losses if isinstance(self.losses, str) else None}
 
     # ------------------------------------------------------------------ internals
 

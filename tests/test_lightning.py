@@ -240,3 +240,13 @@ def test_the_readme_lightning_example_runs(
     assert "weights:" in capsys.readouterr().out
     checkpoint = next(tmp_path.glob("checkpoints/*.ckpt"))
     assert "famo.logits" in torch.load(checkpoint, weights_only=False)["state_dict"]
+
+
+def test_manual_optimization_is_refused_with_what_to_do_instead() -> None:
+    class Manual(MultiTask):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(ValueError, match=r"call self\.famo\.update"):
+        trainer(1).fit(Manual().double(), loader(1))
