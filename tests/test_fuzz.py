@@ -284,9 +284,9 @@ class FAMOMachine(RuleBasedStateMachine):
         elif damage == "unexpected key":
             state["head.weight"] = torch.zeros(2)
         elif damage == "negative exp_avg_sq":
-            state["exp_avg_sq"] = state["exp_avg_sq"] - 1.0
+            state["exp_avg_sq"] = -1.0 - state["exp_avg_sq"]
         elif damage == "negative steps":
-            state["steps"] = state["steps"] - 1.0
+            state["steps"] = -1.0 - state["steps"]
         elif damage == "pending without counts":
             extra["pending"] = True
             state["pending_count"] = torch.zeros_like(state["pending_count"])
