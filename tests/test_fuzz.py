@@ -10,6 +10,9 @@ huge and tiny values, wrong names, empty inputs and losses without grad. It chec
 - a rejected call leaves the state exactly as it was (every buffer and the metadata);
 - logits, Adam moments and weights stay finite, and the weights sum to 1;
 - ``update`` fails exactly when nothing is recorded.
+
+Beside it: every bad constructor argument is named in its error, and ``validate=False`` is
+bit-identical to ``validate=True`` on valid input.
 """
 
 from __future__ import annotations
