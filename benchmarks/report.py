@@ -47,7 +47,8 @@ def _machine_line(record: dict[str, Any]) -> str:
     m = record["machine"]
     return (
         f"`{record['command']}` on {m.get('cpu_model', m['processor'])}, {m['cpu_count']} cores "
-        f"({m['platform']}), torch {m['torch']}, {record['created']}"
+        f"({m['platform']}), torch {m['torch']} on {m['torch_threads']} thread(s), "
+        f"{record['created']}"
     )
 
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
     folder = Path(args.out) if args.out is not None else RESULTS_DIR
     prefix = "benchmarks/results/" if folder.resolve() == RESULTS_DIR.resolve() else ""
+    folder.mkdir(parents=True, exist_ok=True)
     target = folder / "README_results.md"
     target.write_text(render(folder, prefix))
     print(f"wrote {target}")

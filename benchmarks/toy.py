@@ -222,6 +222,12 @@ def table(payload: dict[str, Any]) -> str:
             mark = "✓" if run_["reached_front"] else "✗"
             cells.append(f"{mark} ({run_['end'][0]:.2f}, {run_['end'][1]:.2f})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"Columns are the starts; cells the end point (θ₁, θ₂) after {payload['steps']:,} "
+        f"steps, ✓ where it is Pareto-stationary (the min-norm convex combination of the two "
+        f"task gradients is below {payload['tolerance']:g}), ✗ where it stalled off the front."
+    )
     return "\n".join(lines)
 
 
