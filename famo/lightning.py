@@ -186,9 +186,10 @@ class FAMOCallback(pl.Callback):
         return candidates[0]
 
 
-def _scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+def _scaler(trainer: pl.Trainer) -> Any:
+    """The Trainer's GradScaler (``precision="16-mixed"``), or None."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return scaler if isinstance(scaler, torch.amp.GradScaler) else None
+    return scaler if callable(getattr(scaler, "get_scale", None)) else None
 
 
 def _average(rows: list[Any]) -> Any:
