@@ -443,8 +443,11 @@ class FAMOWeighting(nn.Module):
                     f"The checkpoint's `{name}` should be a tensor of shape ({self.num_tasks},). "
                     f"Found {found}."
                 )
-            if not torch.isfinite(value).all():
-                raise ValueError(f"The checkpoint's `{name}` should be finite. It is not.")
+            dtype = getattr(self, name).dtype  # a float64 checkpoint may not fit float32 state
+            if not torch.isfinite(value.to(dtype)).all():
+                raise ValueError(
+                    f"The checkpoint's `{name}` should be finite in {dtype}. It is not."
+                )
         for name in ("exp_avg_sq", "steps", "pending_count"):
             if bool((state_dict[prefix + name] < 0).any()):
                 raise ValueError(f"The checkpoint's `{name}` should be ≥ 0. It is not.")

@@ -195,3 +195,13 @@ def test_a_model_checkpoint_with_the_famo_part_missing_is_refused() -> None:
         ValueError, match=r"should hold a FAMOWeighting state.*'famo\._extra_state'"
     ):
         model.load_state_dict(old)
+
+
+def test_a_float64_checkpoint_that_float32_cannot_hold_is_refused() -> None:
+    wide = FAMOWeighting(2, dtype=torch.float64)
+    wide.loss(torch.tensor([1e300, 1.0], dtype=torch.float64, requires_grad=True))  # pending
+    narrow = FAMOWeighting(2)
+    before = snapshot(narrow)
+    with pytest.raises(ValueError, match=r"`pending_sum` should be finite in torch.float32"):
+        narrow.load_state_dict(wide.state_dict())
+    assert_same_state(narrow, before)
