@@ -203,6 +203,8 @@ def plot(payload: dict[str, Any], path: Any) -> None:
         ax1.plot(ks, [rows[str(k)]["seconds"][name] * 1e6 for k in ks], marker="o", label=name)
     ax1.set_xscale("log")
     ax1.set_yscale("log")
+    ax1.set_xticks(ks, [f"{k:,}" for k in ks])
+    _plain_log_axes(ax1)
     ax1.set_xlabel("number of tasks k")
     ax1.set_ylabel("µs per step (loss + backward + update)")
     ax1.set_title("FAMO's own cost, 1 thread")
@@ -219,6 +221,8 @@ def plot(payload: dict[str, Any], path: Any) -> None:
         )
     ax2.set_xscale("log")
     ax2.set_yscale("log")
+    ax2.set_xticks(step_ks, [str(k) for k in step_ks])
+    _plain_log_axes(ax2)
     ax2.set_xlabel("number of tasks k (QM9 MLP, one head per task)")
     ax2.set_ylabel("ms per training step")
     ax2.set_title("whole training step, 1 thread")
@@ -226,6 +230,16 @@ def plot(payload: dict[str, Any], path: Any) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plain_log_axes(ax: Any) -> None:
+    """Log axes labelled 1, 2, 5, 10, … instead of powers of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
 
 def tables(payload: dict[str, Any]) -> str:
