@@ -84,3 +84,34 @@ def test_toy_losses_match_the_official_problem() -> None:
 def test_smoke_runs_refuse_to_overwrite_results() -> None:
     with pytest.raises(SystemExit):
         run_all.main(["--smoke"])
+
+
+def test_published_baseline_matches_the_golden_values_and_famo() -> None:
+    import torch
+
+    from benchmarks.published import PublishedFAMO
+    from famo import FAMOWeighting
+
+    # DESIGN §3, G1 and G2.
+    published = PublishedFAMO(2, dtype=torch.float64)
+    losses = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    objective = published.get_weighted_loss(losses)
+    assert abs(objective.item() - 0.4620981342241145) < 1e-12
+    published.update(torch.tensor([0.5, 1.5], dtype=torch.float64))
+    assert torch.allclose(
+        published.w.detach(),
+        torch.tensor([-0.024999997533697, 0.024999997533697], dtype=torch.float64),
+        atol=1e-12,
+    )
+    # Same trajectory as famo's FAMOWeighting on random loss sequences.
+    generator = torch.Generator().manual_seed(0)
+    published = PublishedFAMO(5, gamma=1e-2, dtype=torch.float64)
+    famo = FAMOWeighting(5, gamma=1e-2, dtype=torch.float64)
+    for _ in range(20):
+        before = torch.rand(5, generator=generator, dtype=torch.float64) + 0.1
+        after = before * (0.5 + torch.rand(5, generator=generator, dtype=torch.float64))
+        published.get_weighted_loss(before.clone().requires_grad_(True))
+        famo.loss(before.clone().requires_grad_(True))
+        published.update(after)
+        famo.update(after)
+    assert torch.allclose(published.weights, famo.weights, atol=1e-10)
