@@ -8,10 +8,6 @@ process training on the whole batch ends. ``process_group`` picks what is all-re
 from __future__ import annotations
 
 import itertools
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +17,9 @@ from torch import Tensor
 
 from famo import FAMOWeighting
 from tests._scripts import distributed_train as worker
+from tests._scripts.launch import run_script
 
 SCRIPTS = Path(__file__).resolve().parent / "_scripts"
-ROOT = SCRIPTS.parent.parent
-TIMEOUT_S = 120  # a normal run takes seconds; a hang must not stall CI
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="this torch has no torch.distributed"
@@ -32,33 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def torchrun(script: Path, *args: str) -> str:
-    """Run ``script`` on 2 local ranks; kill the whole process group if it hangs."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(
-        [*command, str(script), *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"torchrun did not finish within {TIMEOUT_S} s:\n{output[-3000:]}")
-    assert process.returncode == 0, output[-3000:]
-    return output
+    return run_script(script, *args, ranks=2)
 
 
 @pytest.fixture(scope="module")

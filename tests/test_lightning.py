@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from famo import FAMOWeighting
+from tests._scripts.launch import run_script
 
 pl = pytest.importorskip("pytorch_lightning")
 from famo.lightning import FAMOCallback  # noqa: E402
@@ -250,3 +251,20 @@ def test_manual_optimization_is_refused_with_what_to_do_instead() -> None:
 
     with pytest.raises(ValueError, match=r"call self\.famo\.update"):
         trainer(1).fit(Manual().double(), loader(1))
+
+
+def test_ddp_strategy_on_two_processes_equals_one_process(tmp_path: Path) -> None:
+    # Lightning's "ddp" strategy on 2 CPU processes (gloo), each on half of every batch: FAMO
+    # all-reduces by itself inside the Trainer. Reduction order differs: equal to rounding.
+    from tests._scripts import lightning_ddp
+
+    out = tmp_path / "rank0.pt"
+    run_script(SCRIPTS / "lightning_ddp.py", str(out))
+    two = torch.load(out)
+    one = lightning_ddp.fit(devices=1)
+    assert torch.equal(two["logits_of_every_rank"][0], two["logits_of_every_rank"][1])
+    for name, parameter in one.net.named_parameters():
+        torch.testing.assert_close(two["parameters"][name], parameter, rtol=1e-12, atol=1e-14)
+    for name, buffer in one.famo.named_buffers():
+        torch.testing.assert_close(two["famo"][name], buffer, rtol=1e-10, atol=1e-14)
+    assert one.famo.steps.tolist() == [3.0] * TASKS

@@ -1,0 +1,43 @@
+"""Run a training script in its own process group, with a time limit that kills all of it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+TIMEOUT_S = 120  # a normal run takes seconds; a hang must not stall CI
+
+
+def run_script(script: Path, *args: str, ranks: int | None = None) -> str:
+    """``python script args`` (under ``torchrun --nproc-per-node ranks`` if given); its output.
+
+    Fails the calling test if the script fails or runs past ``TIMEOUT_S``; on a timeout the
+    whole process group (launcher and workers) is killed.
+    """
+    command = [sys.executable]
+    if ranks is not None:
+        command += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [*command, str(script), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{script.name} did not finish within {TIMEOUT_S} s:\n{output[-3000:]}")
+    assert process.returncode == 0, output[-3000:]
+    return output
