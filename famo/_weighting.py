@@ -268,7 +268,7 @@ class FAMOWeighting(nn.Module):
             weights, objective = self._weights_and_objective(values, mask)
             self._record(values, mask)
         if batch.present is not None:
-            weights = weights[list(batch.present)]
+            weights = torch.stack([weights[task] for task in batch.present])  # no index tensor
         result: Tensor = _WeightedLoss.apply(batch.values, objective, weights)  # type: ignore[no-untyped-call]
         return result
 
@@ -623,9 +623,10 @@ class FAMOWeighting(nn.Module):
             packed[0] = values
             packed[1] = 1.0
         else:
-            index = torch.tensor(present, device=values.device)
-            packed[0].index_copy_(0, index, values)
-            packed[1].index_fill_(0, index, 1.0)
+            # Python indices, not an index tensor: that would be a blocking host→device copy.
+            for position, task in enumerate(present):
+                packed[0, task] = values[position]
+                packed[1, task] = 1.0
         if group is not None:
             all_reduce_sum_(packed, group)
         sums, counts = packed
