@@ -26,7 +26,7 @@ def python_blocks() -> list[tuple[int, str]]:
 
 
 def test_the_readme_has_runnable_examples() -> None:
-    assert len(python_blocks()) >= 1
+    assert len(python_blocks()) >= 5
 
 
 @pytest.mark.parametrize(
