@@ -527,6 +527,24 @@ class FAMOWeighting(nn.Module):
             old = before.get(name)
             if buffer is not None and old is not None and buffer.dtype in _LOW_PRECISION:
                 self._buffers[name] = old.to(device=buffer.device)
+        # float64 → float32 (model.float()) must not round state beyond float32's range to inf.
+        overflowed = {
+            name: buffer.dtype
+            for name, buffer in self._buffers.items()
+            if buffer is not None
+            and (old := before.get(name)) is not None
+            and buffer.dtype != old.dtype
+            and not bool(torch.isfinite(buffer).all())
+        }
+        if overflowed:
+            target = next(iter(overflowed.values()))
+            self._buffers.update(before)
+            names = ", ".join(f"`{name}`" for name in overflowed)
+            raise ValueError(
+                f"FAMO's state ({names}) holds values beyond the range of {target}, so the "
+                f"conversion was undone and the state stays {self.logits.dtype}. Call `update` "
+                f"or `discard` first, or keep the state in {self.logits.dtype}."
+            )
         return self
 
     def extra_repr(self) -> str:

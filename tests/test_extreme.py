@@ -315,3 +315,17 @@ def test_an_objective_beyond_float32_is_inf_but_its_gradient_stays_exact() -> No
     torch.testing.assert_close(losses.grad, torch.tensor([1 / 3, 2 / 3]))
     wide = torch.tensor([1e37, 5e36], dtype=torch.float64)
     assert math.isfinite(FAMOWeighting(2, dtype=torch.float64).loss(wide.requires_grad_()).item())
+
+
+def test_float64_state_that_float32_cannot_hold_refuses_to_convert() -> None:
+    """``model.float()`` must not round recorded losses of 1e39 to inf (NaN logits later)."""
+    famo = FAMOWeighting(2, dtype=torch.float64)
+    famo.loss(torch.tensor([1e39, 1.0], dtype=torch.float64, requires_grad=True))
+    before = snapshot(famo)
+    with pytest.raises(ValueError, match=r"`pending_sum`.*float32"):
+        famo.float()
+    assert_same_state(famo, before)
+    assert famo.logits.dtype == torch.float64
+    famo.discard()
+    famo.float()  # nothing out of range any more
+    assert famo.logits.dtype == torch.float32

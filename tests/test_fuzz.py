@@ -309,6 +309,12 @@ class FAMOMachine(RuleBasedStateMachine):
     def double(self) -> None:
         self.famo.double()
 
+    @precondition(lambda self: self.famo.logits.dtype == torch.float64)
+    @rule()
+    def back_to_float32(self) -> None:
+        """Refused, changing nothing, where float64 state holds values float32 cannot."""
+        self._call(self.famo.float, "float")
+
     # ---------------------------------------------------------------- invariants
 
     @invariant()
