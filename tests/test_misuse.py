@@ -6,6 +6,8 @@ call left the object exactly as it was.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -223,3 +225,12 @@ def test_backward_twice_through_a_freed_graph_records_the_losses_once() -> None:
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         famo.backward(losses)
     assert_same_state(famo, once)
+
+
+def test_bounds_given_as_a_tensor_with_grad_are_taken_as_constants() -> None:
+    """Without a detach, the bounds buffer would join the caller's graph (and break deepcopy)."""
+    bounds = torch.tensor([-1.0, 0.0], requires_grad=True)
+    famo = FAMOWeighting(2, min_losses=bounds)
+    assert not famo.min_losses.requires_grad and famo.min_losses.grad_fn is None
+    copy.deepcopy(famo).backward(_leaf(0.5, 1.0))
+    assert bounds.grad is None
