@@ -107,7 +107,7 @@ def table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(payload: dict[str, Any], famo_run: Run | None, path: Any) -> None:
+def plot(payload: dict[str, Any], path: Any) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,14 +127,17 @@ def plot(payload: dict[str, Any], famo_run: Run | None, path: Any) -> None:
         ax_bar.bar(xs, values, width, yerr=errors, label=label, capsize=1.5)
     ax_bar.axhline(0, color="black", lw=0.8)
     ax_bar.set_xticks(range(k))
-    ax_bar.set_xticklabels(LABELS)
+    ax_bar.set_xticklabels(LABELS, rotation=30)
     ax_bar.set_ylabel("test MAE vs single-task (%), lower is better")
     ax_bar.set_title("QM9: per-target MAE relative to single-task models")
     ax_bar.legend(fontsize=7, ncol=2)
-    if famo_run is not None and famo_run.history_weights:
-        weights = torch.tensor(famo_run.history_weights)
+    history = payload.get("famo_weights")
+    if history and history["weights"]:
+        weights = torch.tensor(history["weights"])
+        colors = plt.get_cmap("tab20").colors
         for t in range(k):
-            ax_w.plot(famo_run.history_steps, weights[:, t], label=LABELS[t])
+            style = "-" if t < 6 else "--"
+            ax_w.plot(history["steps"], weights[:, t], style, color=colors[t], label=LABELS[t])
         ax_w.axhline(1 / k, color="grey", lw=0.5)
         ax_w.set_yscale("log")
         ax_w.set_xlabel("step")
@@ -144,6 +147,14 @@ def plot(payload: dict[str, Any], famo_run: Run | None, path: Any) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _weights_history(run: Run | None) -> dict[str, Any] | None:
+    """FAMO's weights over training (seed 0), kept in the JSON so the figure can be redrawn."""
+    if run is None:
+        return None
+    weights = torch.round(torch.tensor(run.history_weights), decimals=5)
+    return {"seed": 0, "steps": run.history_steps, "weights": weights.tolist()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -209,9 +220,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "units": data.units,
         "runs": runs,
         "summary": summarise(runs, k),
+        "famo_weights": _weights_history(famo_run),
     }
     write_json(folder, "qm9", payload)
-    plot(payload, famo_run, folder / "qm9.png")
+    plot(payload, folder / "qm9.png")
     print(table(payload))
     return payload
 
