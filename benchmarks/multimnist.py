@@ -99,14 +99,18 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 def table(payload: dict[str, Any]) -> str:
     from benchmarks.methods import DESCRIPTIONS
 
+    several = payload["setting"].get("seeds", 1) > 1  # mean ± std over seeds
     lines = [
         "| method | left acc. (%) | right acc. (%) | Δm% ↓ | CPU time (s) | wall time (s) |",
         "|---|---|---|---|---|---|",
     ]
     for name, entry in payload["summary"].items():
-        accs = [f"{100 * m:.2f} ± {100 * s:.2f}" for m, s in entry["accuracy"]]
+        if several:
+            accs = [f"{100 * m:.2f} ± {100 * s:.2f}" for m, s in entry["accuracy"]]
+        else:
+            accs = [f"{100 * m:.2f}" for m, _ in entry["accuracy"]]
         dm = entry.get("delta_m")
-        dm_text = f"{dm[0]:+.2f} ± {dm[1]:.2f}" if dm is not None else "—"
+        dm_text = "—" if dm is None else f"{dm[0]:+.2f}" + (f" ± {dm[1]:.2f}" if several else "")
         times = f"{seconds_cell(entry, 'cpu_time')} | {seconds_cell(entry, 'wall_time')}"
         lines.append(f"| {DESCRIPTIONS[name]} | {accs[0]} | {accs[1]} | {dm_text} | {times} |")
     return "\n".join(lines)
