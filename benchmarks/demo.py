@@ -21,6 +21,7 @@ from benchmarks.multimnist import (
     LR,
     TASKS,
     accuracy,
+    histories_of,
     plot_curves,
     summarise,
     table,
@@ -79,10 +80,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": runs,
         "summary": summarise(runs),
         "total_seconds": time.perf_counter() - start,
+        "histories": histories_of(histories),
     }
     write_json(folder, "demo", payload)
     figure = folder / "demo.png"
-    plot_curves(histories, figure, f"MultiMNIST demo: summed loss vs FAMO ({epochs} epochs)")
+    plot_curves(
+        payload["histories"], figure, f"MultiMNIST demo: summed loss vs FAMO ({epochs} epochs)"
+    )
     print(table(payload))
     print(f"Δm% is against single-task models (negative is better). Figure: {figure}")
     return payload

@@ -116,7 +116,19 @@ def table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(histories: dict[str, Run], path: Any, title: str) -> None:
+def histories_of(runs: dict[str, Run]) -> dict[str, Any]:
+    """Training curves kept in the JSON (rounded), so the figure can be redrawn from it."""
+    return {
+        name: {
+            "steps": run.history_steps,
+            "losses": torch.round(torch.tensor(run.history_losses), decimals=5).tolist(),
+            "weights": torch.round(torch.tensor(run.history_weights), decimals=5).tolist(),
+        }
+        for name, run in runs.items()
+    }
+
+
+def plot_curves(histories: dict[str, Any], path: Any, title: str) -> None:
     """Per-task training losses of each method, and FAMO's weights, over training."""
     import matplotlib
 
@@ -128,24 +140,24 @@ def plot_curves(histories: dict[str, Run], path: Any, title: str) -> None:
     for color, (name, run) in zip(
         plt.rcParams["axes.prop_cycle"].by_key()["color"], histories.items(), strict=False
     ):
-        if not run.history_losses:
+        if not run["losses"]:
             continue
-        losses = torch.tensor(run.history_losses)
+        losses = torch.tensor(run["losses"])
         window = max(1, len(losses) // 40)
         for t, task in enumerate(TASKS):
             smooth = _moving_average(losses[:, t], window)
             ax_loss.plot(
-                run.history_steps[: len(smooth)],
+                run["steps"][: len(smooth)],
                 smooth,
                 styles[t],
                 color=color,
                 label=f"{name}: {task}",
             )
-        if run.history_weights:
-            weights = torch.tensor(run.history_weights)
+        if run["weights"]:
+            weights = torch.tensor(run["weights"])
             for t, task in enumerate(TASKS):
                 ax_w.plot(
-                    run.history_steps,
+                    run["steps"],
                     weights[:, t],
                     styles[t],
                     color=color,
@@ -222,10 +234,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tasks": TASKS,
         "runs": runs,
         "summary": summarise(runs),
+        "histories": histories_of(first),
     }
     write_json(folder, "multimnist", payload)
     if first:
-        plot_curves(first, folder / "multimnist.png", f"MultiMNIST, seed 0, {epochs} epochs")
+        plot_curves(
+            payload["histories"], folder / "multimnist.png", f"MultiMNIST, seed 0, {epochs} epochs"
+        )
     print(table(payload))
     return payload
 
