@@ -52,6 +52,28 @@ def _machine_line(record: dict[str, Any]) -> str:
     )
 
 
+def _details(name: str, record: dict[str, Any]) -> str:
+    """The setting, and for speed what the numbers mean and whether the targets are met."""
+    if name == "speed":
+        targets = record.get("targets", {})
+        met = {True: "met", False: "not met"}
+        return (
+            f"{record['notes']} First table: the floor in µs, the others as multiples of it. "
+            "Second table: a whole training step (sum in ms, the others as multiples of it). "
+            "Targets of issue 6: famo within 2× of the floor up to k = 1,000: "
+            f"{met[targets.get('famo_within_2x_of_floor_up_to_1000', False)]}; famo ≥ 5× faster "
+            f"than the published code: {met[targets.get('famo_5x_faster_than_published', False)]}."
+        )
+    setting = record.get("setting")
+    if not setting:
+        return ""
+    return (
+        "Setting: "
+        + "; ".join(f"{key.replace('_', ' ')} {value}" for key, value in setting.items())
+        + "."
+    )
+
+
 def _table(name: str, record: dict[str, Any]) -> str:
     if name in ("demo", "multimnist"):
         return multimnist.table(record)
@@ -75,6 +97,9 @@ def render(folder: Path, image_prefix: str) -> str:
             continue
         record = json.loads(path.read_text())
         parts.append(f"### {title}\n\n{question}\n\nMade by {_machine_line(record)}.\n")
+        details = _details(name, record)
+        if details:
+            parts.append(details + "\n")
         parts.append(_table(name, record))
         if (folder / f"{name}.png").exists():
             parts.append(f"\n![{title}]({image_prefix}{name}.png)")
