@@ -289,7 +289,8 @@ class FAMOWeighting(nn.Module):
         >>> head.weight.grad.shape
         torch.Size([3, 2])
         """
-        recorded = (self.pending_sum.clone(), self.pending_count.clone(), self._pending)
+        # Copies only under gradient accumulation: otherwise nothing was recorded before.
+        recorded = (self.pending_sum.clone(), self.pending_count.clone()) if self._pending else None
         objective = self.loss(losses)
         try:
             objective.backward(**kwargs)  # type: ignore[no-untyped-call]
@@ -297,10 +298,9 @@ class FAMOWeighting(nn.Module):
             # The backward pass failed (out of memory, a freed graph, a hook), so no optimizer
             # step follows: forget what this call recorded, so that a retry is not averaged with
             # it. (With extra_forward=False the logit step from the previous batch stands.)
-            if self.extra_forward:
+            if self.extra_forward and recorded is not None:
                 self.pending_sum.copy_(recorded[0])
                 self.pending_count.copy_(recorded[1])
-                self._pending = recorded[2]
             else:
                 self._clear_pending()
             raise
@@ -350,11 +350,12 @@ class FAMOWeighting(nn.Module):
         batch = self._read(new_losses, "new_losses", for_backward=False)
         values, mask = self._combine(batch, "new_losses", follow=False)
         with torch.no_grad():
-            if skip is not True:
+            if skip is True:
+                self._clear_pending()
+            else:
                 if skip_mask is not None:
                     skip_mask = skip_mask.to(values.device)
                 self._learn(values, mask, skip_mask)
-            self._clear_pending()
 
     def discard(self) -> None:
         """Forget the recorded losses without learning from them (the step did not happen).
@@ -652,16 +653,14 @@ class FAMOWeighting(nn.Module):
 
     def _weights_and_objective(self, values: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         logits = self.logits if mask is None else self.logits.masked_fill(~mask, -math.inf)
-        z = torch.softmax(logits, dim=0)
-        shifted = values - self.min_losses + self.eps
+        shifted = torch.sub(values, self.min_losses).add_(self.eps)
         if mask is not None:
             shifted = torch.where(mask, shifted, 1.0)
         log_shifted = shifted.log()
-        # w ∝ z / D in log space: z / D overflows when D is tiny (eps = 0, loss at 1e-40).
-        scores = logits - log_shifted
-        weights = torch.softmax(scores, dim=0)
-        c = torch.exp(torch.logsumexp(logits, dim=0) - torch.logsumexp(scores, dim=0))
-        objective = c * torch.dot(z, log_shifted)
+        # w = c z / D = softmax(ξ − log D): in log space, z / D cannot overflow when D is tiny
+        # (eps = 0, a loss at 1e-40). And w_i D_i = c z_i, so L = Σ w_i D_i log D_i.
+        weights = torch.softmax(torch.sub(logits, log_shifted), dim=0)
+        objective = torch.dot(shifted.mul_(weights), log_shifted)
         return weights, objective
 
     def _record(self, values: Tensor, mask: Tensor | None) -> None:
@@ -680,10 +679,10 @@ class FAMOWeighting(nn.Module):
 
     def _learn(self, after: Tensor, after_mask: Tensor | None, skip: Tensor | None) -> None:
         """The logit step from the recorded losses to ``after``; then forget the recorded ones."""
-        before = self.pending_sum / self.pending_count
-        delta = (before - self.min_losses + self.eps).log() - (
-            after - self.min_losses + self.eps
-        ).log()
+        bounds, eps = self.min_losses, self.eps
+        # δ = log(before − b + ε) − log(after − b + ε), in place on temporaries (a hot path).
+        delta = torch.div(self.pending_sum, self.pending_count).sub_(bounds).add_(eps).log_()
+        delta.sub_(torch.sub(after, bounds).add_(eps).log_())
         mask = after_mask
         if self.allow_missing_tasks:
             both = self.pending_count > 0
@@ -698,30 +697,46 @@ class FAMOWeighting(nn.Module):
             z = torch.where(mask, z, 0.0)  # also clears the NaN of a softmax over no task
         # Any shift of δ leaves g unchanged; centring on one entry makes tied improvements give
         # exactly g = 0 (instead of rounding noise that Adam would blow up to a step of ~lr).
-        delta = delta - delta[0]
-        grad = z * (delta - torch.dot(z, delta))
+        delta.sub_(delta[0].clone())
+        grad = delta.sub_(torch.dot(z, delta)).mul_(z)
         self._adam_step(grad, mask)
         self._clear_pending()
 
     def _adam_step(self, grad: Tensor, mask: Tensor | None) -> None:
-        """``torch.optim.Adam`` (coupled weight decay), with a step count per task."""
+        """``torch.optim.Adam`` (coupled weight decay), with a step count per task.
+
+        Only the tasks in ``mask`` (all when None) move. Without a mask the buffers are updated
+        in place; the arithmetic is the same either way.
+        """
         beta1, beta2 = self.betas
-        steps = self.steps + 1.0
+        if mask is None:
+            steps, exp_avg, exp_avg_sq = self.steps, self.exp_avg, self.exp_avg_sq
+            steps.add_(1.0)
+        else:
+            steps, exp_avg, exp_avg_sq = (
+                self.steps + 1.0,
+                self.exp_avg.clone(),
+                self.exp_avg_sq.clone(),
+            )
         if self.gamma != 0.0:
-            grad = grad.add(self.logits, alpha=self.gamma)
-        exp_avg = torch.lerp(self.exp_avg, grad, 1.0 - beta1)
-        exp_avg_sq = self.exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        bias_correction1 = 1.0 - torch.pow(beta1, steps)
-        bias_correction2_sqrt = (1.0 - torch.pow(beta2, steps)).sqrt()
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.adam_eps)
-        logits = self.logits - (self.lr / bias_correction1) * exp_avg / denom
+            grad = grad.add_(self.logits, alpha=self.gamma)
+        exp_avg.lerp_(grad, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        bias_correction1 = torch.pow(beta1, steps).neg_().add_(1.0)
+        bias_correction2_sqrt = torch.pow(beta2, steps).neg_().add_(1.0).sqrt_()
+        denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(self.adam_eps)
+        step = bias_correction1.reciprocal_().mul_(self.lr).mul_(exp_avg).div_(denom)
+        if mask is None:
+            self.logits.sub_(step)
+            return
+        logits = self.logits - step
         for buffer, new in (
             (self.steps, steps),
             (self.exp_avg, exp_avg),
             (self.exp_avg_sq, exp_avg_sq),
             (self.logits, logits),
         ):
-            buffer.copy_(new if mask is None else torch.where(mask, new, buffer))
+            buffer.copy_(torch.where(mask, new, buffer))
 
 
 # ---------------------------------------------------------------------- constructor checks
