@@ -722,10 +722,12 @@ class FAMOWeighting(nn.Module):
             grad = grad.add_(self.logits, alpha=self.gamma)
         exp_avg.lerp_(grad, 1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        bias_correction1 = torch.pow(beta1, steps).neg_().add_(1.0)
-        bias_correction2_sqrt = torch.pow(beta2, steps).neg_().add_(1.0).sqrt_()
+        # Without a mask every task has taken the same number of steps: one entry will do.
+        count = steps[:1] if mask is None else steps
+        bias_correction1 = torch.pow(beta1, count).neg_().add_(1.0)
+        bias_correction2_sqrt = torch.pow(beta2, count).neg_().add_(1.0).sqrt_()
         denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(self.adam_eps)
-        step = bias_correction1.reciprocal_().mul_(self.lr).mul_(exp_avg).div_(denom)
+        step = bias_correction1.reciprocal_().mul_(self.lr).mul(exp_avg).div_(denom)
         if mask is None:
             self.logits.sub_(step)
             return
