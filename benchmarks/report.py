@@ -114,9 +114,27 @@ def main(argv: list[str] | None = None) -> Path:
     prefix = "benchmarks/results/" if folder.resolve() == RESULTS_DIR.resolve() else ""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "README_results.md"
-    target.write_text(render(folder, prefix))
+    text = render(folder, prefix)
+    target.write_text(text)
     print(f"wrote {target}")
+    if folder.resolve() == RESULTS_DIR.resolve():
+        splice_into_readme(text)
     return target
+
+
+README = RESULTS_DIR.parent.parent / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def splice_into_readme(text: str) -> None:
+    """Replace the README's results section (between the markers) with ``text``."""
+    readme = README.read_text(encoding="utf-8")
+    if START not in readme or END not in readme:
+        return
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{START}\n{text.strip()}\n{END}{tail}", encoding="utf-8")
+    print(f"updated the results section of {README}")
 
 
 if __name__ == "__main__":

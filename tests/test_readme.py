@@ -38,3 +38,11 @@ def test_readme_block_runs(
     monkeypatch.chdir(tmp_path)  # blocks may save checkpoints
     namespace: dict[str, object] = {"__name__": f"readme_line_{line}"}
     exec(compile(code, f"README.md:{line}", "exec"), namespace)
+
+
+def test_the_readme_results_are_the_benchmarks_report() -> None:
+    """The README's numbers are the ones `python -m benchmarks.report` wrote, not hand-edited."""
+    readme = README.read_text(encoding="utf-8")
+    section = readme.split("<!-- results:start -->", 1)[1].split("<!-- results:end -->", 1)[0]
+    report = README.parent / "benchmarks" / "results" / "README_results.md"
+    assert section.strip() == report.read_text(encoding="utf-8").strip()
