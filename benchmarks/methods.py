@@ -19,6 +19,19 @@ from benchmarks.models import MultiTaskNet
 Compute = Callable[[], tuple[Tensor, list[Tensor]]]
 
 # name -> short description, in the order of the tables
+#: The methods of the quality benchmarks (MultiMNIST, QM9), in table order.
+QUALITY_METHODS = [
+    "stl",
+    "sum",
+    "famo",
+    "famo_official",
+    "famo_no_extra",
+    "uw",
+    "dwa",
+    "rlw",
+    "mgda",
+]
+
 DESCRIPTIONS = {
     "stl": "single-task models (Δm% reference)",
     "sum": "summed loss",

@@ -24,23 +24,14 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.data import MultiMNIST, multimnist
+from benchmarks.methods import QUALITY_METHODS
 from benchmarks.models import multimnist_net
 from benchmarks.train import Run, predict, train
 
 TASKS = ["left", "right"]
 BATCH = 128
 LR = 1e-3
-METHODS = [
-    "stl",
-    "sum",
-    "famo",
-    "famo_official",
-    "famo_no_extra",
-    "uw",
-    "dwa",
-    "rlw",
-    "mgda",
-]
+METHODS = QUALITY_METHODS
 
 
 def losses_fn(outputs: list[Tensor], labels: Tensor) -> list[Tensor]:

@@ -27,21 +27,11 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.data import QM9, qm9
-from benchmarks.methods import DESCRIPTIONS
+from benchmarks.methods import DESCRIPTIONS, QUALITY_METHODS
 from benchmarks.models import qm9_net
 from benchmarks.train import Run, predict, train
 
-METHODS = [
-    "stl",
-    "sum",
-    "famo",
-    "famo_official",
-    "famo_no_extra",
-    "uw",
-    "dwa",
-    "rlw",
-    "mgda",
-]
+METHODS = QUALITY_METHODS
 LABELS = ["μ", "α", "ε_HOMO", "ε_LUMO", "⟨R²⟩", "ZPVE", "U₀", "U", "H", "G", "c_v"]
 BATCH = 256
 LR = 1e-3

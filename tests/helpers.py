@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from famo import FAMOWeighting
 
@@ -35,3 +35,16 @@ def assert_same_state(famo: FAMOWeighting, before: dict[str, Any]) -> None:
             assert torch.equal(after[key], value), key
         else:
             assert after[key] == value, key
+
+
+# A small float64 three-task model for the training-loop tests (accumulation, no extra forward).
+K = 3
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, K)).double()
+
+
+def task_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return ((model(x) - y) ** 2).mean(dim=0) + 0.1

@@ -5,20 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from famo import FAMOWeighting
-
-K = 3
-
-
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, K)).double()
-
-
-def task_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return ((model(x) - y) ** 2).mean(dim=0) + 0.1
+from tests.helpers import K, make_model, task_losses
 
 
 def data(steps: int) -> list[tuple[Tensor, Tensor]]:
