@@ -390,6 +390,28 @@ class FAMOWeighting(nn.Module):
     # ------------------------------------------------------------------ checkpoints
 
     def get_extra_state(self) -> dict[str, Any]:
+        """The non-tensor part of :meth:`state_dict`: format version, tasks, hyper-parameters.
+
+        ``state_dict()`` holds the buffers ``logits``, ``exp_avg``, ``exp_avg_sq``, ``steps``
+        (Adam's moments and per-task step counts), ``min_losses``, ``pending_sum`` and
+        ``pending_count`` (the recorded losses), plus this dict under ``_extra_state``. All of it
+        loads with ``torch.load(..., weights_only=True)``; ``load_state_dict`` checks the whole
+        checkpoint (tasks, format version, shapes, finite and representable values) before it
+        copies anything, and restores the hyper-parameters, as ``torch.optim`` does.
+
+        >>> import io
+        >>> famo = FAMOWeighting(["seg", "depth"])
+        >>> famo.backward(torch.tensor([1.0, 2.0], requires_grad=True))  # losses now pending
+        >>> buffer = io.BytesIO()
+        >>> torch.save(famo.state_dict(), buffer)
+        >>> _ = buffer.seek(0)
+        >>> restored = FAMOWeighting(["seg", "depth"])
+        >>> restored.load_state_dict(torch.load(buffer, weights_only=True))
+        <All keys matched successfully>
+        >>> restored.update([0.5, 1.5])  # the pending losses came along
+        >>> famo.get_extra_state()["format_version"]
+        1
+        """
         return {
             "format_version": FORMAT_VERSION,
             "tasks": list(self.task_names) if self.task_names is not None else self.num_tasks,
@@ -404,6 +426,7 @@ class FAMOWeighting(nn.Module):
         }
 
     def set_extra_state(self, state: Any) -> None:
+        """Restore what :meth:`get_extra_state` wrote (after checking it)."""
         self._check_extra_state(state)
         self.lr = float(state["lr"])
         self.gamma = float(state["gamma"])
