@@ -144,7 +144,7 @@ class FAMOWeighting(nn.Module):
 
     References:
         Bo Liu, Yihao Feng, Peter Stone, Qiang Liu. *FAMO: Fast Adaptive Multitask
-        Optimization*. NeurIPS 2023, Algorithm 2 and Eq. (5)-(7). Official code:
+        Optimization*. NeurIPS 2023 (Algorithm 2). Official code:
         https://github.com/Cranial-XIX/FAMO.
     """
 
@@ -720,7 +720,7 @@ class FAMOWeighting(nn.Module):
             z = torch.where(mask, z, 0.0)  # also clears the NaN of a softmax over no task
         # Any shift of δ leaves g unchanged; centring on one entry makes tied improvements give
         # exactly g = 0 (instead of rounding noise that Adam would blow up to a step of ~lr).
-        delta.sub_(delta[0].clone())
+        delta = delta - delta[0]
         grad = delta.sub_(torch.dot(z, delta)).mul_(z)
         self._adam_step(grad, mask)
         self._clear_pending()
