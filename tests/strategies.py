@@ -42,3 +42,24 @@ def scenarios(
 
     steps = tuple((losses(), losses()) for _ in range(n))
     return Scenario(k, draw(learning_rates), draw(gammas), bounds, steps)
+
+
+def improvements_are_distinct(scenario: Scenario, eps: float = 1e-8) -> bool:
+    """Whether every step's log-improvements δ differ across tasks by at least 1e-3 (relative).
+
+    Where they (nearly) tie, the logit gradient g = z ⊙ (δ − ⟨z, δ⟩) is pure rounding noise,
+    and Adam scales any nonzero g to a step of about ``lr``: two correct implementations that
+    round differently then take visibly different steps. Exact comparisons (lockstep,
+    permutation, rescaling) are meaningful only away from ties; ties have their own property
+    (equal improvements leave the logits unchanged).
+    """
+    if scenario.num_tasks < 2:
+        return True
+    for before, after in scenario.steps:
+        delta = [
+            math.log(b - bound + eps) - math.log(a - bound + eps)
+            for b, a, bound in zip(before, after, scenario.min_losses, strict=True)
+        ]
+        if max(delta) - min(delta) < 1e-3 * (1.0 + max(map(abs, delta))):
+            return False
+    return True

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import torch
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from famo import FAMOWeighting
 from tests.helpers import loss_weights
 from tests.reference import ReferenceFAMO
-from tests.strategies import Scenario, scenarios
+from tests.strategies import Scenario, improvements_are_distinct, scenarios
 
 F64 = torch.float64
 
 
 def run_lockstep(scenario: Scenario, betas: tuple[float, float], adam_eps: float) -> None:
+    assume(improvements_are_distinct(scenario))
     famo = FAMOWeighting(
         scenario.num_tasks,
         lr=scenario.lr,
