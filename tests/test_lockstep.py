@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
@@ -16,23 +18,15 @@ F64 = torch.float64
 
 def run_lockstep(scenario: Scenario, betas: tuple[float, float], adam_eps: float) -> None:
     assume(improvements_are_distinct(scenario))
-    famo = FAMOWeighting(
-        scenario.num_tasks,
-        lr=scenario.lr,
-        gamma=scenario.gamma,
-        min_losses=scenario.min_losses,
-        betas=betas,
-        adam_eps=adam_eps,
-        dtype=F64,
-    )
-    reference = ReferenceFAMO(
-        scenario.num_tasks,
-        lr=scenario.lr,
-        gamma=scenario.gamma,
-        min_losses=scenario.min_losses,
-        betas=betas,
-        adam_eps=adam_eps,
-    )
+    options: dict[str, Any] = {
+        "lr": scenario.lr,
+        "gamma": scenario.gamma,
+        "min_losses": scenario.min_losses,
+        "betas": betas,
+        "adam_eps": adam_eps,
+    }
+    famo = FAMOWeighting(scenario.num_tasks, dtype=F64, **options)
+    reference = ReferenceFAMO(scenario.num_tasks, **options)
     for before, after in scenario.steps:
         torch.testing.assert_close(
             loss_weights(famo, before), reference.loss_weights(before), rtol=1e-12, atol=1e-12
