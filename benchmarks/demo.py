@@ -56,15 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             progress=not args.quiet,
             desc=DESCRIPTIONS[name],
         )
-        runs[name] = [
-            {
-                "seed": args.seed,
-                "accuracy": accuracy(run, data),
-                "wall_time": run.wall_time,
-                "cpu_time": run.cpu_time,
-                "steps": run.steps,
-            }
-        ]
+        runs[name] = [run.record(args.seed, accuracy=accuracy(run, data))]
         if name != "stl":
             histories[name] = run
     payload = {

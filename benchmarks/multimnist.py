@@ -201,15 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 progress=not args.quiet,
                 desc=f"{name} seed {seed}",
             )
-            runs[name].append(
-                {
-                    "seed": seed,
-                    "accuracy": accuracy(run, data),
-                    "wall_time": run.wall_time,
-                    "cpu_time": run.cpu_time,
-                    "steps": run.steps,
-                }
-            )
+            runs[name].append(run.record(seed, accuracy=accuracy(run, data)))
             if seed == 0 and name in ("sum", "famo"):
                 first[name] = run
     payload = {

@@ -27,6 +27,16 @@ class Run:
     history_losses: list[list[float]] = field(default_factory=list)  # train batch losses
     history_weights: list[list[float]] = field(default_factory=list)  # FAMO's weights, if any
 
+    def record(self, seed: int, **metrics: object) -> dict[str, object]:
+        """The JSON record of this run: its seed, metrics, times and step count."""
+        return {
+            "seed": seed,
+            **metrics,
+            "wall_time": self.wall_time,
+            "cpu_time": self.cpu_time,
+            "steps": self.steps,
+        }
+
 
 def train(
     method_name: str,
