@@ -179,12 +179,7 @@ class FAMOWeighting(nn.Module):
         checked_gamma = _check_gamma(gamma)
         checked_eps = _check_non_negative("eps", eps)
         checked_betas = _check_betas(betas)
-        checked_adam_eps = _check_non_negative("adam_eps", adam_eps)
-        if checked_adam_eps == 0.0:
-            raise ValueError(
-                "`adam_eps` should be > 0: with 0, a step whose gradient is zero divides 0 by 0 "
-                "and turns the logits into NaN. Found `adam_eps = 0.0`."
-            )
+        checked_adam_eps = _check_adam_eps(adam_eps)
         for flag, value in (
             ("validate", validate),
             ("extra_forward", extra_forward),
@@ -414,7 +409,7 @@ class FAMOWeighting(nn.Module):
         """
         return {
             "format_version": FORMAT_VERSION,
-            "tasks": list(self.task_names) if self.task_names is not None else self.num_tasks,
+            "tasks": self._tasks_record(),
             "lr": self.lr,
             "gamma": self.gamma,
             "eps": self.eps,
@@ -498,6 +493,10 @@ class FAMOWeighting(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def _tasks_record(self) -> list[str] | int:
+        """How a checkpoint names the tasks: their names, or their number."""
+        return list(self.task_names) if self.task_names is not None else self.num_tasks
+
     def _check_extra_state(self, state: Any) -> None:
         if not isinstance(state, Mapping) or "format_version" not in state:
             raise ValueError(
@@ -510,7 +509,7 @@ class FAMOWeighting(nn.Module):
                 f"The checkpoint has FAMOWeighting format version {version!r}; this famo reads "
                 f"versions 1 to {FORMAT_VERSION}. Upgrade famo to load it."
             )
-        mine = list(self.task_names) if self.task_names is not None else self.num_tasks
+        mine = self._tasks_record()
         if state.get("tasks") != mine:
             raise ValueError(
                 f"The checkpoint is for tasks {state.get('tasks')!r}, but this FAMOWeighting has "
@@ -531,8 +530,9 @@ class FAMOWeighting(nn.Module):
             raise ValueError(f"The checkpoint's FAMOWeighting metadata lacks {missing}.")
         # Check the values too: torch copies the buffers before `set_extra_state` runs.
         try:
-            for key in ("lr", "gamma", "eps", "adam_eps"):
+            for key in ("lr", "gamma", "eps"):
                 _check_non_negative(key, state[key])
+            _check_adam_eps(state["adam_eps"])
             _check_betas(state["betas"])
             for key in ("extra_forward", "allow_missing_tasks", "pending"):
                 if not isinstance(state[key], bool):
@@ -799,6 +799,16 @@ def _check_non_negative(name: str, value: Any) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"`{name}` should be a finite number ≥ 0. Found `{name} = {value}`.")
     return float(value)
+
+
+def _check_adam_eps(adam_eps: Any) -> float:
+    checked = _check_non_negative("adam_eps", adam_eps)
+    if checked == 0.0:
+        raise ValueError(
+            "`adam_eps` should be > 0: with 0, a step whose gradient is zero divides 0 by 0 "
+            "and turns the logits into NaN. Found `adam_eps = 0.0`."
+        )
+    return checked
 
 
 def _check_gamma(gamma: Any) -> float:
