@@ -1,0 +1,274 @@
+"""FAMO in a Hugging Face ``transformers.Trainer`` (imported only when used).
+
+:class:`FAMOTrainer` is a ``Trainer`` whose ``compute_loss`` returns FAMO's objective over the
+task losses of a batch, whose logits learn on the Trainer's real optimizer steps, and whose logs
+carry the task weights. Three things make it a small change to an existing ``Trainer``:
+
+* the :class:`~famo.FAMOWeighting` is a submodule of the model (``model.famo =
+  FAMOWeighting(...)``), so its state is in the Trainer's own checkpoints (``model.safetensors``,
+  for a ``PreTrainedModel`` and for a plain ``nn.Module``) and ``train(resume_from_checkpoint=...)``
+  restores it;
+* the model returns its task losses (``outputs["task_losses"]``), or a function computes them;
+* nothing else: when training starts, the trainer attaches FAMO to its optimizer with
+  :meth:`FAMOWeighting.attach <famo.FAMOWeighting.attach>`, and detaches it when training ends.
+
+Both ``extra_forward`` settings work:
+
+* ``FAMOWeighting(..., extra_forward=False)`` (recommended here): no extra forward pass. The
+  losses of all micro-batches between two real optimizer steps form one window (their mean is
+  recorded); the first ``loss`` after the step learns from the window to its own losses. A step
+  that the Trainer's ``GradScaler`` skipped (fp16) does not happen, so the window simply goes on.
+* ``extra_forward=True`` (the published recipe): after each optimizer step the trainer
+  recomputes the task losses of every micro-batch of the step with ``torch.no_grad()`` (the
+  model stays in training mode, as in the step; under the Trainer's mixed precision, which
+  Accelerate applies to the model's forward) and calls ``update`` with their mean. When the step
+  did not really happen (skipped by ``GradScaler``) ``update`` drops the recorded losses instead,
+  and the logits do not move.
+
+Evaluation (``trainer.evaluate()``, ``eval_strategy``) calls ``compute_loss`` with the model in
+eval mode under ``torch.no_grad()``: FAMO then records nothing and the evaluation loss is FAMO's
+objective :math:`\\sum_i w_i \\ell_i` with the current weights.
+
+The trainer leaves ``num_items_in_batch`` aside (``loss_is_scaled_for_ga = False``): each task
+loss is whatever the model or the function returns (a mean over that task's samples or tokens),
+and the Trainer divides FAMO's objective by the number of micro-batches in the window, as the
+plain loop divides ``famo.loss(losses)`` by the window length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback
+
+from famo._weighting import FAMOWeighting
+
+__all__ = ["FAMOTrainer"]
+
+TaskLosses = Callable[[nn.Module, Mapping[str, Any]], Any]
+
+
+class FAMOTrainer(Trainer):
+    r"""A ``transformers.Trainer`` that weights the task losses of each batch with FAMO.
+
+    ``compute_loss`` returns ``famo.loss(task_losses)``: the convex combination
+    :math:`\sum_i w_i \ell_i` of the batch's task losses, whose gradient is FAMO's. When training
+    starts (``on_train_begin``) the trainer calls ``famo.attach(optimizer)`` on the Trainer's
+    optimizer, so the logits learn once per optimizer step that really happened, and it removes
+    the hook when training ends. With ``extra_forward=True`` it also recomputes the step's task
+    losses after each optimizer step and calls ``famo.update`` (see the module docstring).
+    Every ``log`` call (training logs every ``logging_steps``, evaluation, the final summary)
+    adds ``famo.weights_dict(as_floats=True)``, for example ``{"famo/copy": 0.41, ...}``, so
+    ``state.log_history`` and every reporting integration (TensorBoard, W&B, MLflow, ...) get the
+    weights.
+
+    All ``Trainer`` arguments are accepted; the model must hold exactly one
+    :class:`~famo.FAMOWeighting` as a submodule (or name it with ``weighting``), so that the
+    Trainer's checkpoints hold FAMO's state.
+
+    :param task_losses: ``None`` (default): the model's output holds the task losses under
+        ``"task_losses"`` (``outputs["task_losses"]``, for a dict or a ``ModelOutput``).
+        Otherwise a callable ``(model, inputs) -> losses``. The losses are anything
+        ``FAMOWeighting.loss`` accepts: a 1-D tensor, a sequence of scalar tensors, or a mapping
+        from task name to scalar tensor (tasks may be missing with
+        ``allow_missing_tasks=True``).
+    :param weighting: the attribute name of the ``FAMOWeighting`` on the model, or ``None``
+        (default) to find the only one among the model's submodules.
+    :param log_weights: add the weights to every ``log`` call (default ``True``).
+    :raises ValueError: the model holds no ``FAMOWeighting``, or several and ``weighting`` is
+        ``None``; ``weighting`` names something else.
+    :raises TypeError: ``task_losses`` is neither ``None`` nor callable; ``log_weights`` is not
+        a bool.
+
+    Example (a plain ``nn.Module``; a ``PreTrainedModel`` works the same way):
+
+    >>> import torch
+    >>> from transformers import TrainingArguments
+    >>> from famo import FAMOWeighting
+    >>> class TwoTasks(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net = torch.nn.Linear(3, 2)
+    ...         self.famo = FAMOWeighting(["a", "b"], extra_forward=False)  # checkpointed
+    ...
+    ...     def forward(self, x, y):
+    ...         return {"task_losses": ((self.net(x) - y) ** 2).mean(dim=0)}
+    >>> data = [{"x": torch.randn(3), "y": torch.randn(2)} for _ in range(8)]
+    >>> args = TrainingArguments(
+    ...     "out", max_steps=2, per_device_train_batch_size=4, use_cpu=True, report_to="none",
+    ... )
+    >>> trainer = FAMOTrainer(model=TwoTasks(), args=args, train_dataset=data)
+    >>> trainer.train()  # doctest: +SKIP
+    """
+
+    # Each task loss is a mean the model or `task_losses` computed; the Trainer divides FAMO's
+    # objective by the window's number of micro-batches (it would not for a model whose forward
+    # takes **kwargs, which Trainer reads as "normalised by num_items_in_batch").
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        *args: Any,
+        task_losses: TaskLosses | None = None,
+        weighting: str | None = None,
+        log_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if task_losses is not None and not callable(task_losses):
+            raise TypeError(
+                "`task_losses` should be None (the model returns outputs['task_losses']) or a "
+                f"callable (model, inputs) -> losses. Found {task_losses!r}."
+            )
+        if weighting is not None and not isinstance(weighting, str):
+            raise TypeError(
+                f"`weighting` should be an attribute name or None. Found {weighting!r}."
+            )
+        if not isinstance(log_weights, bool):
+            raise TypeError(f"`log_weights` should be True or False. Found {log_weights!r}.")
+        super().__init__(*args, **kwargs)
+        self.task_losses = task_losses
+        self.log_weights = log_weights
+        self.famo = _find_famo(self.model, weighting)
+        self._famo_window: list[tuple[nn.Module, Mapping[str, Any]]] = []
+        self._famo_detach_hook: Callable[[], None] | None = None
+        self.add_callback(_FAMOSteps(self))
+
+    def compute_task_losses(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[Any, Any]:
+        """The batch's task losses and the model's outputs (``None`` with a ``task_losses``
+        callable). Override it to compute the losses another way."""
+        if self.task_losses is not None:
+            return self.task_losses(model, inputs), None
+        outputs = model(**inputs)
+        try:
+            losses = outputs["task_losses"]
+        except (KeyError, TypeError, IndexError):
+            raise ValueError(
+                "The model's output should hold the task losses under 'task_losses' (a dict "
+                "or a ModelOutput with that key). Found "
+                f"{type(outputs).__name__}{_keys(outputs)}. Return them from forward, or pass "
+                "FAMOTrainer(task_losses=lambda model, inputs: ...)."
+            ) from None
+        return losses, outputs
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        """FAMO's objective over the batch's task losses (recorded only when training)."""
+        losses, outputs = self.compute_task_losses(model, inputs)
+        loss = self.famo.loss(losses)
+        if self.famo.extra_forward and model.training and torch.is_grad_enabled():
+            self._famo_window.append((model, inputs))  # recomputed after the optimizer step
+        if not return_outputs:
+            return loss
+        return loss, _predictions(outputs)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """``Trainer.log`` with the task weights added (when ``log_weights``)."""
+        if self.log_weights:
+            logs.update(self.famo.weights_dict(as_floats=True))
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ internals
+
+    def _famo_attach(self, optimizer: Any) -> None:
+        self._famo_detach()
+        self._famo_window.clear()
+        self._famo_detach_hook = self.famo.attach(optimizer).remove
+
+    def _famo_detach(self) -> None:
+        if self._famo_detach_hook is not None:
+            self._famo_detach_hook()
+            self._famo_detach_hook = None
+
+    def _famo_after_step(self) -> None:
+        """extra_forward=True: the step's after-losses, or nothing to learn (then dropped)."""
+        window, self._famo_window = self._famo_window, []
+        if not self.famo.extra_forward or not window or not self.famo.pending:
+            return
+        with torch.no_grad(), self.compute_loss_context_manager():
+            rows = [self.compute_task_losses(model, inputs)[0] for model, inputs in window]
+        self.famo.update(_average(rows))
+
+
+class _FAMOSteps(TrainerCallback):
+    """Attaches FAMO to the Trainer's optimizer for the time of ``train`` and runs the after-step
+    update of ``extra_forward=True``."""
+
+    def __init__(self, trainer: FAMOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._famo_attach(kwargs.get("optimizer") or self.trainer.optimizer)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._famo_after_step()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._famo_detach()
+
+
+def _find_famo(model: Any, weighting: str | None) -> FAMOWeighting:
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"FAMOTrainer should get a model (an nn.Module). Found {type(model).__name__}."
+        )
+    if weighting is not None:
+        found = getattr(model, weighting, None)
+        if not isinstance(found, FAMOWeighting):
+            raise ValueError(
+                f"`weighting` names {weighting!r}, but {type(model).__name__}.{weighting} is "
+                f"{type(found).__name__}, not a FAMOWeighting."
+            )
+        return found
+    candidates = [m for m in model.modules() if isinstance(m, FAMOWeighting)]
+    if len(candidates) != 1:
+        raise ValueError(
+            f"FAMOTrainer should find one FAMOWeighting in {type(model).__name__}. Found "
+            f"{len(candidates)}. Assign one as an attribute of the model (model.famo = "
+            "FAMOWeighting(...)), so that the Trainer's checkpoints hold its state, or name it "
+            "with FAMOTrainer(weighting='attribute')."
+        )
+    return candidates[0]
+
+
+def _predictions(outputs: Any) -> Any:
+    """What evaluation gathers as predictions: the model's outputs less the task losses (scalars
+    per batch, which the evaluation loop cannot concatenate); nothing for a ``task_losses``
+    callable."""
+    if outputs is None:
+        return {}
+    if isinstance(outputs, Mapping):
+        return {key: value for key, value in outputs.items() if key != "task_losses"}
+    return outputs
+
+
+def _keys(outputs: Any) -> str:
+    keys = getattr(outputs, "keys", None)
+    return f" with keys {sorted(keys())}" if callable(keys) else ""
+
+
+def _average(rows: list[Any]) -> Any:
+    """One step's after-losses from the losses of each of its micro-batches (for `update`)."""
+    if len(rows) == 1:
+        return rows[0]
+    if all(isinstance(row, Tensor) for row in rows):
+        return torch.stack(rows)  # (micro_batches, k): `update` averages the rows
+    if all(isinstance(row, Mapping) for row in rows):
+        names = {name for row in rows for name in row}
+        return {
+            name: torch.stack([torch.as_tensor(row[name]) for row in rows if name in row]).mean()
+            for name in names
+        }
+    if all(isinstance(row, Sequence) for row in rows):
+        return torch.stack([torch.stack([torch.as_tensor(v) for v in row]) for row in rows])
+    raise TypeError(
+        "The task losses should be of one form (tensor, sequence or mapping) for every batch. "
+        f"Found {sorted({type(row).__name__ for row in rows})}."
+    )
