@@ -5,9 +5,16 @@ Lightning calls ``backward`` and ``optimizer.step()`` itself, so FAMO enters in 
 * ``training_step`` returns ``self.famo.loss(task_losses)``: Lightning backpropagates it (through
   its ``GradScaler`` under ``precision="16-mixed"``, divided by ``accumulate_grad_batches`` when
   accumulating), and the losses are recorded;
-* :class:`FAMOCallback` runs the logit step after each optimizer step: it recomputes the task
-  losses on the step's batches without grad, under the Trainer's precision, and calls
-  ``update``; when ``GradScaler`` skipped the step it drops the recorded losses instead.
+* :class:`FAMOCallback` makes the logits learn once per optimizer step. With the default
+  ``extra_forward=True`` it recomputes the task losses on the step's batches without grad,
+  under the Trainer's precision, and calls ``update``; when ``GradScaler`` skipped the step it
+  drops the recorded losses instead. With ``extra_forward=False`` it attaches FAMO to the
+  optimizer (:meth:`FAMOWeighting.attach <famo.FAMOWeighting.attach>`) for the time of
+  ``fit``, so the next ``loss`` learns after each real step and a skipped step extends the
+  window.
+
+The callback also logs the task weights (``famo/<task>``) through the Trainer's loggers after
+every optimizer step, unless ``FAMOCallback(log_weights=False)``.
 
 The :class:`~famo.FAMOWeighting` is a submodule of the ``LightningModule``, so its whole state
 (logits, Adam moments, bounds, hyper-parameters) is in the module's ``state_dict`` and therefore
@@ -46,8 +53,17 @@ class FAMOCallback(pl.Callback):
     ``famo.update`` with them (one row per batch, averaged: the accumulation rule of
     :meth:`~famo.FAMOWeighting.update`). When the Trainer's ``GradScaler`` skipped the step
     (inf/NaN gradients; its scale went down), the recorded losses are discarded and the logits do
-    not move. With ``FAMOWeighting(extra_forward=False)`` nothing is recomputed: the callback only
-    discards the losses of a skipped step.
+    not move. With ``FAMOWeighting(extra_forward=False)`` nothing is recomputed: from
+    ``on_train_start`` to ``on_train_end`` the object is attached to the Trainer's optimizer
+    (``famo.attach``), so all the batches of one optimizer step form one window and the first
+    ``loss`` after a real step learns from it; a step skipped by ``GradScaler`` extends the
+    window.
+
+    After each optimizer step (after the logit step, with ``extra_forward=True``) the callback
+    logs ``famo.weights_dict()`` (``{"famo/<task>": weight}``, 0-dim tensors, no host sync)
+    with ``LightningModule.log_dict(on_step=True, on_epoch=False)``, so every logger of the
+    Trainer (CSV, TensorBoard, W&B, MLflow, ...) writes them every ``log_every_n_steps``. Without
+    a logger (``logger=False``) nothing is logged.
 
     :param losses: how to compute the task losses of a batch: the name of a method of the
         ``LightningModule`` taking the batch (default ``"task_losses"``), or a callable
@@ -56,6 +72,7 @@ class FAMOCallback(pl.Callback):
         ``training_step`` should pass the same function's result to ``self.famo.loss``.
     :param weighting: the attribute name of the ``FAMOWeighting`` on the module, or ``None``
         (default) to find the one ``FAMOWeighting`` among the module's submodules.
+    :param log_weights: log the task weights after every optimizer step (default ``True``).
     :raises ValueError: (when the Trainer starts) the module holds no ``FAMOWeighting``, or
         several and ``weighting`` is ``None``; ``losses`` names no method of the module; the
         module uses manual optimization.
@@ -86,7 +103,13 @@ class FAMOCallback(pl.Callback):
     >>> trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))  # doctest: +SKIP
     """
 
-    def __init__(self, losses: str | TaskLosses = "task_losses", weighting: str | None = None):
+    def __init__(
+        self,
+        losses: str | TaskLosses = "task_losses",
+        weighting: str | None = None,
+        *,
+        log_weights: bool = True,
+    ):
         super().__init__()
         if not (isinstance(losses, str) or callable(losses)):
             raise TypeError(
@@ -97,8 +120,12 @@ class FAMOCallback(pl.Callback):
             raise TypeError(
                 f"`weighting` should be an attribute name or None. Found {weighting!r}."
             )
+        if not isinstance(log_weights, bool):
+            raise TypeError(f"`log_weights` should be True or False. Found {log_weights!r}.")
         self.losses = losses
         self.weighting = weighting
+        self.log_weights = log_weights
+        self._detach: Callable[[], None] | None = None
         self._window: list[Any] = []  # the batches since the last optimizer step
         self._stepped = False
         self._scale_before: float | None = None
@@ -119,6 +146,20 @@ class FAMOCallback(pl.Callback):
                 "no such method. Define it (batch -> task losses) or pass a callable "
                 "FAMOCallback(losses=lambda module, batch: ...)."
             )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._window, self._stepped = [], False
+        famo = self._famo(pl_module)
+        if not famo.extra_forward and trainer.optimizers:
+            self._detach = famo.attach(trainer.optimizers[0]).remove
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hook()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._remove_hook()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -144,8 +185,21 @@ class FAMOCallback(pl.Callback):
             return  # accumulating: the optimizer has not stepped yet
         window, self._window, self._stepped = self._window, [], False
         famo = self._famo(pl_module)
-        if not famo._pending:
-            return  # training_step recorded nothing (it returned None, say)
+        self._learn(trainer, pl_module, famo, window)
+        if self.log_weights and trainer.loggers:
+            pl_module.log_dict(famo.weights_dict(), on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ internals
+
+    def _learn(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        famo: FAMOWeighting,
+        window: list[Any],
+    ) -> None:
+        if not famo.extra_forward or not famo.pending:
+            return  # attached: the next `loss` learns; or training_step recorded nothing
         scaler = _scaler(trainer)
         if (
             scaler is not None
@@ -154,13 +208,14 @@ class FAMOCallback(pl.Callback):
         ):
             famo.discard()  # GradScaler skipped the step: nothing to learn from
             return
-        if not famo.extra_forward:
-            return  # the next `loss` call updates the logits
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             rows = [self._task_losses(pl_module, batch) for batch in window]
         famo.update(_average(rows))
 
-    # ------------------------------------------------------------------ internals
+    def _remove_hook(self) -> None:
+        if self._detach is not None:
+            self._detach()
+            self._detach = None
 
     def _task_losses(self, pl_module: pl.LightningModule, batch: Any) -> Any:
         if isinstance(self.losses, str):

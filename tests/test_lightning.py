@@ -7,6 +7,7 @@ Trainer's precision, and does not learn from a step that its GradScaler skipped.
 
 from __future__ import annotations
 
+import csv
 import runpy
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,11 @@ def trainer(max_steps: int, **options: Any) -> Any:
 
 
 def plain_loop(module: MultiTask, batches: int, steps: int, accumulate: int = 1) -> None:
-    """What the Trainer should do, written out: the README's loop with accumulation."""
+    """What the Trainer should do, written out: the README's loop with accumulation (hooked to
+    the optimizer with ``extra_forward=False``)."""
     optimizer = module.configure_optimizers()
+    if not module.famo.extra_forward:
+        module.famo.attach(optimizer)
     data = list(loader(batches))
     for step in range(steps):
         window = [data[(step * accumulate + i) % len(data)] for i in range(accumulate)]
@@ -90,9 +94,10 @@ def plain_loop(module: MultiTask, batches: int, steps: int, accumulate: int = 1)
         for batch in window:
             (module.famo.loss(module.task_losses(batch)) / accumulate).backward()
         optimizer.step()
-        with torch.no_grad():
-            rows = [module.task_losses(batch) for batch in window]
-            module.famo.update(rows[0] if accumulate == 1 else torch.stack(rows))
+        if module.famo.extra_forward:
+            with torch.no_grad():
+                rows = [module.task_losses(batch) for batch in window]
+                module.famo.update(rows[0] if accumulate == 1 else torch.stack(rows))
 
 
 def assert_same(a: MultiTask, b: MultiTask, exact: bool = False) -> None:
@@ -110,13 +115,16 @@ def assert_same(a: MultiTask, b: MultiTask, exact: bool = False) -> None:
             )
 
 
+@pytest.mark.parametrize("extra_forward", [True, False])
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_a_trainer_run_equals_the_plain_loop(accumulate: int) -> None:
-    module = MultiTask().double()
-    trainer(4, accumulate_grad_batches=accumulate).fit(module, loader(4))
-    expected = MultiTask().double()
-    plain_loop(expected, batches=4, steps=4, accumulate=accumulate)
-    assert module.famo.steps.tolist() == [4.0] * TASKS
+def test_a_trainer_run_equals_the_plain_loop(accumulate: int, extra_forward: bool) -> None:
+    # extra_forward=False: the callback attaches FAMO to the optimizer, so an accumulation
+    # window of Lightning is one window of FAMO, as in the hooked plain loop.
+    module = MultiTask(extra_forward=extra_forward).double()
+    trainer(4, accumulate_grad_batches=accumulate).fit(module, loader(4 * accumulate))
+    expected = MultiTask(extra_forward=extra_forward).double()
+    plain_loop(expected, batches=4 * accumulate, steps=4, accumulate=accumulate)
+    assert module.famo.steps.tolist() == [4.0 if extra_forward else 3.0] * TASKS
     assert_same(module, expected)
     assert module.famo.logits.abs().min() > 1e-3
 
@@ -137,7 +145,7 @@ def test_resuming_from_a_lightning_checkpoint_is_bit_identical(tmp_path: Path) -
     path = tmp_path / "straight" / "epoch=1-step=2.ckpt"
     saved = torch.load(path, weights_only=False)["state_dict"]
     assert saved["famo.steps"].tolist() == [2.0] * TASKS
-    assert saved["famo._extra_state"]["pending"] is False  # saved between steps
+    assert not saved["famo.pending_count"].any()  # saved between steps: nothing recorded
 
     resumed = MultiTask(seed=5).double()  # other weights: everything must come from the file
     assert not torch.equal(resumed.net[0].weight, straight.net[0].weight)
@@ -167,7 +175,7 @@ class OverflowAt(pl.Callback):  # type: ignore[misc]
                 parameter.grad.fill_(float("inf"))
 
     def on_train_batch_end(self, trainer: Any, pl_module: MultiTask, *args: Any) -> None:
-        self.snapshots.append({k: v.clone() for k, v in pl_module.famo.named_buffers()})
+        self.snapshots.append({k: v.clone() for k, v in pl_module.famo.state_dict().items()})
 
 
 def test_a_step_skipped_by_the_trainers_grad_scaler_is_not_learned_from() -> None:
@@ -191,6 +199,40 @@ def test_without_extra_forward_the_callback_recomputes_nothing() -> None:
     trainer(4).fit(module, loader(4))
     assert module.after_dtypes == []
     assert module.famo.steps.tolist() == [3.0] * TASKS  # the 4th step waits for a 5th batch
+
+
+def metrics_csv(folder: Path) -> list[dict[str, str]]:
+    files = list(folder.glob("**/metrics.csv"))
+    if not files:
+        return []
+    with files[0].open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("extra_forward", [True, False])
+def test_the_weights_are_in_the_csv_loggers_file(extra_forward: bool, tmp_path: Path) -> None:
+    module = MultiTask(extra_forward=extra_forward).double()
+    logger = pl.loggers.CSVLogger(tmp_path, name="run")
+    trainer(4, logger=logger, log_every_n_steps=1).fit(module, loader(4))
+    rows = [row for row in metrics_csv(tmp_path) if row.get("famo/0")]
+    assert len(rows) == 4  # once per optimizer step
+    keys = [f"famo/{task}" for task in range(TASKS)]
+    for row in rows:
+        assert sum(float(row[key]) for key in keys) == pytest.approx(1.0)
+    last = [float(rows[-1][key]) for key in keys]
+    assert last == pytest.approx(module.famo.weights.tolist(), rel=1e-6)
+    assert last != pytest.approx([1 / TASKS] * TASKS, rel=1e-4)  # the weights moved
+
+
+def test_log_weights_false_logs_nothing(tmp_path: Path) -> None:
+    logger = pl.loggers.CSVLogger(tmp_path, name="run")
+    run = trainer(
+        3, logger=logger, log_every_n_steps=1, callbacks=[FAMOCallback(log_weights=False)]
+    )
+    run.fit(MultiTask().double(), loader(3))
+    assert not any(key.startswith("famo/") for row in metrics_csv(tmp_path) for key in row)
+    with pytest.raises(TypeError, match="`log_weights` should be True or False"):
+        FAMOCallback(log_weights="yes")  # type: ignore[arg-type]
 
 
 class NamedTasks(MultiTask):
