@@ -5,7 +5,9 @@
 tensor([0.3333, 0.3333, 0.3333])
 """
 
-from famo._weighting import FORMAT_VERSION, GAMMA_PRESETS, FAMOWeighting
+from famo._checkpoint import FORMAT_VERSION
+from famo._settings import GAMMA_PRESETS
+from famo._weighting import Attachment, FAMOWeighting
 
-__all__ = ["FORMAT_VERSION", "GAMMA_PRESETS", "FAMOWeighting"]
-__version__ = "0.1.0"
+__all__ = ["FORMAT_VERSION", "GAMMA_PRESETS", "Attachment", "FAMOWeighting"]
+__version__ = "0.2.0"

@@ -161,70 +161,78 @@ def _check_floating(losses: Tensor, param: str) -> None:
 def describe_bad_values(
     given: Tensor,
     values: Tensor,
+    offset: Tensor,
     bounds: Tensor,
     eps: float,
     recorded: Tensor | None,
     present: tuple[int, ...] | None,
     param: str,
     names: tuple[str, ...] | None,
+    across_ranks: bool,
 ) -> str:
     """The message for the first loss FAMO's math cannot use (slow path).
 
-    ``given`` are the losses as passed, ``values`` the same in the state's dtype, ``recorded`` the
-    sum of the losses recorded since the last update when ``values`` will be added to it.
+    ``given`` are the losses as passed (averaged over ranks when ``across_ranks``), ``values``
+    the same in the state's dtype, ``offset`` is ``eps - min_losses`` and ``recorded`` the sum of
+    the losses recorded since the last logit step when ``values`` will be added to it (all three
+    restricted to the tasks in ``present``).
     """
     indices = present if present is not None else tuple(range(values.shape[0]))
     dtype = str(values.dtype).removeprefix("torch.")
-    cpu_given = given.detach().double().cpu().tolist()
-    cpu_values = values.detach().double().cpu().tolist()
-    cpu_bounds = bounds.detach().double().cpu().tolist()
-    cpu_shifted = (values - bounds + eps).detach().double().cpu().tolist()
-    cpu_recorded = (
+    where = " (the mean over the ranks)" if across_ranks else ""
+    rows = zip(
+        given.detach().double().cpu().tolist(),
+        values.detach().double().cpu().tolist(),
+        bounds.detach().double().cpu().tolist(),
+        (values + offset).detach().double().cpu().tolist(),
         (recorded + values).detach().double().cpu().tolist()
         if recorded is not None
-        else [0.0] * len(indices)
+        else [0.0] * len(indices),
+        indices,
+        strict=True,
     )
-    rows = zip(cpu_given, cpu_values, cpu_bounds, cpu_shifted, cpu_recorded, indices, strict=True)
     for given_value, value, bound, shifted, total, index in rows:
         label = task_label(names, index)
         if not math.isfinite(given_value):
             return (
-                f"`{param}` should be finite. Found {given_value} for {label}. A non-finite loss "
-                "would turn FAMO's weights into NaN; skip this batch (or this step) instead."
+                f"`{param}` should be finite. Found {given_value}{where} for {label}. A "
+                "non-finite loss would turn FAMO's weights into NaN; skip this batch (or this "
+                "step) instead."
             )
         if not math.isfinite(value):
             return (
                 f"`{param}` should be representable in {dtype}, the dtype of FAMO's state. Found "
-                f"{given_value!r} for {label}, which is {value} in {dtype}. Scale the loss down "
-                "or create FAMOWeighting(..., dtype=torch.float64)."
+                f"{given_value!r}{where} for {label}, which is {value} in {dtype}. Scale the loss "
+                "down or create FAMOWeighting(..., dtype=torch.float64)."
             )
-        if value <= bound:
-            if given_value > bound:
+        if not shifted > 0:
+            if given_value - bound + eps > 0:
                 return (
-                    f"`{param}` should be above their lower bounds in {dtype}, the dtype of "
-                    f"FAMO's state. Found {given_value!r} for {label}, above its bound "
-                    f"{bound!r} by {given_value - bound:.3g}, but it rounds to {value!r} in "
-                    f"{dtype}. Lower this task's `min_losses` or create FAMOWeighting(..., "
-                    "dtype=torch.float64)."
+                    f"`{param}` minus their lower bounds plus eps should be > 0 in {dtype}, the "
+                    f"dtype of FAMO's state. Found {given_value!r}{where} for {label}, whose "
+                    f"bound is {bound!r}: loss - bound + eps is {given_value - bound + eps:.3g}, "
+                    f"but it rounds to {shifted!r} in {dtype}. Lower this task's `min_losses` or "
+                    "create FAMOWeighting(..., dtype=torch.float64)."
                 )
             return (
-                f"`{param}` should be above their lower bounds, since FAMO takes "
-                f"log(loss - bound). Found {given_value!r} for {label}, whose bound is "
-                f"{bound!r}. If this loss can reach zero or go negative, pass `min_losses` with "
-                "a value below the lowest it can reach (for example its known minimum)."
+                f"`{param}` minus their lower bounds plus eps should be > 0, since FAMO takes "
+                f"log(loss - bound + eps). Found {given_value!r}{where} for {label}, whose bound "
+                f"is {bound!r} (eps {eps:.3g}). If this loss can go below its bound, pass "
+                "`min_losses` with a value below the lowest it can reach (for example its known "
+                "minimum)."
             )
         if not math.isfinite(shifted):
             return (
                 f"`{param}` minus their lower bounds should be representable in {dtype}, the "
-                f"dtype of FAMO's state. Found {given_value!r} for {label} with bound {bound!r}: "
-                f"their difference overflows. Raise `min_losses`, scale the loss down or create "
-                "FAMOWeighting(..., dtype=torch.float64)."
+                f"dtype of FAMO's state. Found {given_value!r}{where} for {label} with bound "
+                f"{bound!r}: their difference overflows. Raise `min_losses`, scale the loss down "
+                "or create FAMOWeighting(..., dtype=torch.float64)."
             )
         if not math.isfinite(total):
             return (
                 f"`{param}` added to the losses recorded since the last `update` should stay "
-                f"representable in {dtype}. Found {given_value!r} for {label}, and the recorded "
-                f"sum overflows. Call `update` after fewer `loss` calls, scale the loss down or "
-                "create FAMOWeighting(..., dtype=torch.float64)."
+                f"representable in {dtype}. Found {given_value!r}{where} for {label}, and the "
+                "recorded sum overflows. Call `update` after fewer `loss` calls, scale the loss "
+                "down or create FAMOWeighting(..., dtype=torch.float64)."
             )
     raise AssertionError("describe_bad_values called on valid values")

@@ -1,4 +1,4 @@
-"""DESIGN §1 written as plainly as possible, the way the published code does it.
+"""The method of ``docs/design.md`` §1 written as plainly as possible, as the published code does.
 
 Autograd through the softmax for the logit gradient and a real ``torch.optim.Adam`` on the
 logits. Nothing here is shared with ``famo``: the lockstep tests compare the two.

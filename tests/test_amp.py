@@ -181,12 +181,12 @@ def test_skip_as_a_tensor_needs_no_host_sync_and_freezes_the_state() -> None:
     famo = FAMOWeighting(2, validate=False)
     famo.backward(torch.tensor([1.0, 2.0], requires_grad=True))
     famo.update([0.8, 1.9])
-    state = {name: buffer.clone() for name, buffer in famo.named_buffers()}
+    state = {name: value.clone() for name, value in famo.state_dict().items()}
     famo.backward(torch.tensor([0.8, 1.9], requires_grad=True))
     # With a fused optimizer GradScaler never syncs; its found-inf flag can feed `skip` as is.
     famo.update([0.1, 0.1], skip=torch.tensor(True))
-    for name, buffer in famo.named_buffers():
-        assert torch.equal(buffer, state[name]), name
+    for name, value in famo.state_dict().items():
+        assert torch.equal(value, state[name]), name
     with pytest.raises(RuntimeError, match="no losses recorded"):
         famo.update([0.5, 0.5])
 

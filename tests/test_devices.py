@@ -41,14 +41,14 @@ def continue_training(famo: FAMOWeighting, device: str | torch.device) -> Tensor
     return famo.logits
 
 
-def test_the_state_follows_losses_on_another_device() -> None:
-    famo = FAMOWeighting(2, validate=False)  # created on the CPU
+def test_meta_losses_are_traced_without_moving_the_state() -> None:
+    famo = FAMOWeighting(2, validate=False)  # created on the CPU: it holds its bounds
     losses = torch.tensor([1.0, 2.0], device="meta", requires_grad=True)
     objective = famo.loss(losses)
     objective.backward()
     assert objective.device.type == "meta" and losses.grad is not None
     assert losses.grad.device.type == "meta"
-    assert devices_of(famo) == {"meta"}
+    assert devices_of(famo) == {"cpu"} and not famo.pending
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,7 @@ def test_to_moves_the_whole_state_and_keeps_its_precision() -> None:
     model = nn.ModuleDict({"head": nn.Linear(2, 3), "famo": famo})
     model.to("meta")
     assert devices_of(famo) == {"meta"}
-    assert famo._pending  # the recorded losses moved with the rest
+    assert famo.pending and famo.pending_sum.device.type == "meta"  # recorded losses moved too
     model.half()  # the model's 16 bits do not round FAMO's state
     assert {getattr(famo, name).dtype for name in STATE} == {torch.float64}
     assert model["head"].weight.dtype == torch.float16
@@ -141,3 +141,47 @@ def test_checkpoints_move_between_cpu_and_cuda(saved_on: str, loaded_on: str) ->
         rtol=1e-12,
         atol=1e-15,
     )
+
+
+def test_reset_parameters_after_to_empty_restores_the_constructors_state() -> None:
+    """Meta-device initialisation: create without memory, allocate, then initialise."""
+    with torch.device("meta"):
+        model = nn.ModuleDict(
+            {"head": nn.Linear(2, 3), "famo": FAMOWeighting(3, min_losses=[0, -1, 0])}
+        )
+    model.to_empty(device="cpu")
+    famo = model["famo"]
+    assert isinstance(famo, FAMOWeighting)
+    famo.reset_parameters()
+    assert famo.min_losses.tolist() == [0.0, -1.0, 0.0]
+    assert famo.logits.tolist() == [0.0] * 3 and famo.steps.tolist() == [0.0] * 3
+    assert not famo.pending
+    famo.backward(torch.tensor([1.0, -0.5, 2.0], requires_grad=True))  # the bound works
+    famo.update([0.5, -0.7, 1.0])
+    assert torch.isfinite(famo.logits).all()
+
+
+def test_meta_losses_never_move_a_state_that_holds_values() -> None:
+    famo = trained()
+    before = {name: getattr(famo, name).clone() for name in STATE}
+    famo.validate = False
+    traced = famo.loss(
+        torch.tensor([1.0, 2.0, 3.0], device="meta", dtype=torch.float64, requires_grad=True)
+    )
+    assert traced.device.type == "meta"
+    assert devices_of(famo) == {"cpu"}
+    for name in STATE:
+        assert torch.equal(getattr(famo, name), before[name]), name
+
+
+def test_bounds_given_in_float64_survive_float_then_double_exactly() -> None:
+    bounds = [0.1, -1.0 / 3.0, 1e-9]
+    famo = FAMOWeighting(3, min_losses=bounds)
+    assert famo.min_losses.dtype == torch.float32
+    famo.double()
+    assert famo.min_losses.tolist() == bounds
+    direct = FAMOWeighting(3, min_losses=bounds, dtype=torch.float64)
+    for twin in (famo, direct):
+        twin.backward(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True))
+        twin.update([0.5, 1.0, 2.0])
+    assert torch.equal(famo.logits, direct.logits)

@@ -54,7 +54,7 @@ def one_process(micro_batches: int = 1, world: int = 2) -> dict[str, Any]:
     model, famo = worker.make_model(), FAMOWeighting(worker.TASKS).double()
     worker.train(model, famo, batches, micro_batches=micro_batches)
     parameters = {name: p.detach() for name, p in model.named_parameters()}
-    return {"parameters": parameters, "famo": dict(famo.named_buffers())}
+    return {"parameters": parameters, "famo": {k: v.clone() for k, v in famo.state_dict().items()}}
 
 
 def assert_same_training(distributed: dict[str, Any], single: dict[str, Any]) -> None:

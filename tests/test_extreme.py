@@ -31,7 +31,7 @@ loss_exponents = st.floats(min_value=-30.0, max_value=30.0)
 
 
 def _reference_weights(logits: torch.Tensor, losses: list[float], eps: float) -> torch.Tensor:
-    """w_i = (z_i / D_i) / Σ_j z_j / D_j, DESIGN §1, in float64 straight from the formula."""
+    """w_i = (z_i / D_i) / Σ_j z_j / D_j, ``docs/design.md`` §1, in float64 straight from the formula."""
     z = torch.softmax(logits.double(), dim=0)
     shifted = torch.tensor(losses, dtype=torch.float64) + eps
     return (z / shifted) / (z / shifted).sum()

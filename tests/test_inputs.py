@@ -1,4 +1,4 @@
-"""DESIGN §5: every bad input gets a clear error before anything changes."""
+"""``docs/design.md`` §5: every bad input gets a clear error before anything changes."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ BAD_LOSSES: list[tuple[str, Any, type[Exception], str]] = [
     ),
     ("nan", grad_losses(1.0, math.nan, 3.0), ValueError, "finite. Found nan for task 'depth'"),
     ("inf", grad_losses(1.0, 2.0, math.inf), ValueError, "finite. Found inf for task 'normal'"),
-    ("at the bound", grad_losses(0.0, 2.0, 3.0), ValueError, "0.0 for task 'seg'.*min_losses"),
+    ("bound - eps", grad_losses(-1e-8, 2.0, 3.0), ValueError, "for task 'seg'.*min_losses"),
     ("below the bound", grad_losses(1.0, -2.0, 3.0), ValueError, "-2.0 for task 'depth'"),
     ("no grad", torch.tensor([1.0, 2.0, 3.0]), RuntimeError, "should require grad"),
     ("empty", [], ValueError, "3 entries, one per task. Found 0"),
@@ -132,7 +132,7 @@ BAD_CONSTRUCTION: list[tuple[str, Callable[[], object], type[Exception], str]] =
     ("a string", lambda: FAMOWeighting("seg"), TypeError, "sequence of task names"),
     ("no names", lambda: FAMOWeighting([]), ValueError, "at least one task"),
     ("duplicates", lambda: FAMOWeighting(["a", "a"]), ValueError, r"\['a'\] more than once"),
-    ("empty name", lambda: FAMOWeighting(["a", ""]), TypeError, "non-empty strings. Found ''"),
+    ("empty name", lambda: FAMOWeighting(["a", ""]), TypeError, "non-empty strings without NUL. Found ''"),
     ("negative lr", lambda: FAMOWeighting(2, lr=-1.0), ValueError, "`lr = -1.0`"),
     ("nan lr", lambda: FAMOWeighting(2, lr=math.nan), ValueError, "`lr = nan`"),
     ("negative gamma", lambda: FAMOWeighting(2, gamma=-1e-3), ValueError, "`gamma = -0.001`"),
@@ -191,3 +191,70 @@ def test_losses_of_any_floating_dtype_are_promoted_to_the_state() -> None:
     assert objective.dtype == torch.float32
     objective.backward()
     assert losses.grad is not None and losses.grad.dtype == torch.bfloat16
+
+
+def test_a_loss_exactly_at_its_bound_is_usable_while_eps_is_positive() -> None:
+    """log(ℓ − b + ε) is finite at ℓ = b: a confident batch's cross-entropy of exactly 0.0."""
+    famo = FAMOWeighting(2)
+    famo.backward(grad_losses(0.0, 1.0))
+    famo.update([0.0, 0.5])
+    assert torch.isfinite(famo.logits).all() and famo.weights[0] > famo.weights[1]
+    strict = FAMOWeighting(2, eps=0.0)
+    with pytest.raises(ValueError, match="bounds plus eps should be > 0"):
+        strict.backward(grad_losses(0.0, 1.0))
+
+
+def test_a_rejected_update_keeps_the_recorded_losses_and_names_discard() -> None:
+    famo = famo_with_history()
+    before = snapshot(famo)
+    with pytest.raises(ValueError, match=r"finite.*call `discard\(\)` to drop them"):
+        famo.update([math.nan, 1.0, 1.0])
+    assert_same_state(famo, before)
+    famo.discard()  # what the message suggests: the next step starts afresh
+    famo.backward(grad_losses(1.0, 2.0, 3.0))
+    assert famo.pending_count.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error", "message"),
+    [
+        ("lr", math.nan, ValueError, "`lr = nan`"),
+        ("lr", -0.1, ValueError, "`lr = -0.1`"),
+        ("gamma", "officiall", ValueError, "one of"),
+        ("gamma", [1e-3], TypeError, "`gamma` should be a number"),
+        ("eps", math.inf, ValueError, "`eps = inf`"),
+        ("adam_eps", 0.0, ValueError, "`adam_eps` should be > 0"),
+        ("betas", (0.9, 1.5), ValueError, r"in \[0, 1\)"),
+        ("validate", 1, TypeError, "`validate` should be True or False"),
+    ],
+)
+def test_hyper_parameters_are_checked_when_assigned(
+    name: str, value: object, error: type[Exception], message: str
+) -> None:
+    famo = famo_with_history()
+    before = snapshot(famo)
+    old = getattr(famo, name)
+    with pytest.raises(error, match=message):
+        setattr(famo, name, value)
+    assert getattr(famo, name) == old
+    assert_same_state(famo, before)
+
+
+@pytest.mark.parametrize("flag", ["extra_forward", "allow_missing_tasks", "task_names"])
+def test_what_shapes_the_state_is_read_only(flag: str) -> None:
+    famo = FAMOWeighting(2)
+    with pytest.raises(AttributeError):
+        setattr(famo, flag, True)
+
+
+def test_assigned_hyper_parameters_become_plain_floats_and_are_used() -> None:
+    numpy = pytest.importorskip("numpy")
+    famo = FAMOWeighting(2)
+    famo.lr = numpy.float64(0.5)  # type: ignore[assignment]
+    famo.gamma = "official"  # type: ignore[assignment]
+    famo.eps = torch.tensor(0.5)  # type: ignore[assignment]
+    assert (type(famo.lr), famo.lr, famo.gamma, famo.eps) == (float, 0.5, 1e-5, 0.5)
+    famo.backward(grad_losses(1.0, 1.0))
+    famo.update([0.5, 0.75])
+    assert famo.logits[1].item() == pytest.approx(0.5, rel=1e-3)  # a first Adam step is ±lr
+    assert "lr=0.5" in repr(famo)

@@ -21,7 +21,7 @@ DTYPE = torch.float64
 
 
 class PerTaskReference:
-    """DESIGN §1 restricted to a subset S of tasks per step, with an Adam per task."""
+    """``docs/design.md`` §1 restricted to a subset S of tasks per step, with an Adam per task."""
 
     def __init__(self, k: int, lr: float, gamma: float, bounds: list[float]) -> None:
         self.logits = [torch.zeros(1, dtype=DTYPE, requires_grad=True) for _ in range(k)]

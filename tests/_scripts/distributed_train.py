@@ -93,7 +93,7 @@ def state(model: nn.Module, famo: FAMOWeighting, agree: Callable[[], None]) -> d
     for name, parameter in model.named_parameters():
         full = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
         parameters[name.removeprefix("module.")] = full.detach().clone()
-    famo_state = {key: value.clone() for key, value in famo.named_buffers()}
+    famo_state = {key: value.clone() for key, value in famo.state_dict().items()}
     return {"parameters": parameters, "famo": famo_state, "agree": agree.record}  # type: ignore[attr-defined]
 
 

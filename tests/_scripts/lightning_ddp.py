@@ -79,7 +79,7 @@ if __name__ == "__main__":
         torch.save(
             {
                 "parameters": {k: v.detach() for k, v in module.net.named_parameters()},
-                "famo": dict(module.famo.named_buffers()),
+                "famo": {k: v.clone() for k, v in module.famo.state_dict().items()},
                 "logits_of_every_rank": gathered,
             },
             sys.argv[1],
