@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from benchmarks import demo, multimnist, qm9, report, speed, toy
+from benchmarks import demo, lm, multimnist, qm9, report, speed, toy
 from benchmarks.common import out_dir, parser
 
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
         shared.append("--smoke")
     if args.quiet:
         shared.append("--quiet")
-    for module in (speed, toy, demo, multimnist, qm9):
+    for module in (speed, toy, demo, multimnist, qm9, lm):
         name = module.__name__.rsplit(".", 1)[-1]
         print(f"\n=== {name} ===", flush=True)
         start = time.perf_counter()
