@@ -10,6 +10,7 @@ config with random weights); the data are generated.
 
 from __future__ import annotations
 
+import runpy
 from pathlib import Path
 from typing import Any
 
@@ -294,3 +295,27 @@ def test_a_tiny_gpt2_with_missing_tasks_resumes_from_its_checkpoint(tmp_path: Pa
         if isinstance(a, Tensor):
             assert torch.equal(a, b), name
     assert {"famo/copy", "famo/reverse", "famo/sort"} <= straight_run.state.log_history[0].keys()
+
+
+# ---------------------------------------------------------------------- the README's example
+
+SCRIPTS = Path(__file__).resolve().parent / "_scripts"
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_the_readme_transformers_example_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the Trainer writes famo-run/ under the working directory
+    torch.manual_seed(0)
+    namespace = runpy.run_path(str(SCRIPTS / "readme_transformers.py"), run_name="readme")
+    famo = namespace["trainer"].model.famo
+    assert famo.steps.tolist() == [19.0, 19.0]  # 20 optimizer steps; the 20th awaits a batch
+    saved = safetensors_torch.load_file(str(tmp_path / "famo-run/checkpoint-20/model.safetensors"))
+    assert torch.equal(saved["famo.logits"], famo.logits)
+    assert "{'famo/small': " in capsys.readouterr().out
+
+
+def test_the_readme_shows_the_tested_transformers_example() -> None:
+    script = (SCRIPTS / "readme_transformers.py").read_text(encoding="utf-8")
+    assert f"<!-- skip-test -->\n```python\n{script}```" in README.read_text(encoding="utf-8")
