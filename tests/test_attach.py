@@ -214,15 +214,26 @@ def test_a_skipped_step_is_dropped_by_update_with_extra_forward() -> None:
 # ---------------------------------------------------------------------- Accelerate's accumulate
 
 
+@pytest.fixture
+def fresh_accelerate() -> Iterator[None]:
+    """Accelerate keeps its state in process-wide singletons: start and leave them empty."""
+    state = pytest.importorskip("accelerate.state")
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+    state.GradientState._reset_state()
+    yield
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+    state.GradientState._reset_state()
+
+
 def accelerator(steps: int) -> Any:
     accelerate = pytest.importorskip("accelerate")
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    state = pytest.importorskip("accelerate.state")
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+    state.GradientState._reset_state()
     return accelerate.Accelerator(cpu=True, gradient_accumulation_steps=steps)
 
 
+@pytest.mark.usefixtures("fresh_accelerate")
 def test_accelerate_accumulate_without_extra_forward_equals_the_plain_window() -> None:
     # The line-by-line translation of the plain loop: optimizer.step() on every micro-batch,
     # a no-op for Accelerate except at the window's end. The hook sees only the real steps.
@@ -251,6 +262,7 @@ def test_accelerate_accumulate_without_extra_forward_equals_the_plain_window() -
     handle.remove()
 
 
+@pytest.mark.usefixtures("fresh_accelerate")
 def test_accelerate_accumulate_with_extra_forward() -> None:
     # update() after every optimizer.step(), as the plain loop does: on a micro-step without
     # sync it drops the recorded losses (what update(skip=True) does by hand), so each window
