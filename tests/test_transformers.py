@@ -151,6 +151,39 @@ def test_resuming_from_the_trainers_checkpoint_equals_a_run_that_never_stopped(
     assert_same(resumed, straight)
 
 
+class OverflowAt(transformers.TrainerCallback):  # type: ignore[misc]
+    """Makes one step's gradients inf, as an fp16 overflow would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step == self.step:
+            for parameter in kw["model"].net.parameters():
+                parameter.grad.fill_(float("inf"))
+
+
+@pytest.mark.parametrize("extra_forward", [False, True])
+def test_a_step_skipped_by_the_grad_scaler_is_not_learned_from(
+    extra_forward: bool, tmp_path: Path
+) -> None:
+    # On CPU, Trainer(fp16=True) runs without a GradScaler; give its Accelerator the one that
+    # fp16 uses on a GPU, before train() prepares the optimizer with it.
+    model = MultiTask(extra_forward=extra_forward)
+    run = trainer(model, arguments(tmp_path, 4), dataset(4 * BATCH), callbacks=[OverflowAt(1)])
+    run.accelerator.scaler = torch.amp.GradScaler("cpu")
+    run.train()
+    assert run.accelerator.scaler.get_scale() < 2.0**16  # it did skip step 1
+    if extra_forward:
+        assert model.famo.steps.tolist() == [3.0] * len(TASKS)  # steps 0, 2, 3
+    else:
+        # Real steps 0, 2, 3: batch 1 learns from batch 0; batches 1 and 2 form one window
+        # (step 1 did not happen), which batch 3 learns from; batch 3's window is pending.
+        assert model.famo.steps.tolist() == [2.0] * len(TASKS)
+        assert model.famo.pending_count.tolist() == [1.0] * len(TASKS)
+    assert torch.isfinite(model.famo.logits).all()
+
+
 def test_the_weights_are_in_the_log_history_and_reach_the_callbacks(tmp_path: Path) -> None:
     class Recorder(transformers.TrainerCallback):  # type: ignore[misc]
         def __init__(self) -> None:
