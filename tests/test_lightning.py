@@ -194,6 +194,21 @@ def test_a_step_skipped_by_the_trainers_grad_scaler_is_not_learned_from() -> Non
         assert torch.equal(buffer, overflow.snapshots[0][name]), name  # the skip changed nothing
 
 
+def test_without_extra_forward_a_skipped_step_extends_the_window() -> None:
+    # Attached by the callback: real steps after batches 0, 2 and 3 (step 1 skipped). Batch 1
+    # learns from batch 0; batches 1 and 2 form one window, which batch 3 learns from.
+    module = MultiTask(dtype=torch.float32, extra_forward=False)
+    overflow = OverflowAt(step=1)
+    fp16 = pl.plugins.precision.MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    trainer(4, plugins=[fp16], callbacks=[FAMOCallback(), overflow]).fit(
+        module, loader(4, torch.float32)
+    )
+    steps = [snapshot["steps"][0].item() for snapshot in overflow.snapshots]
+    counts = [snapshot["pending_count"][0].item() for snapshot in overflow.snapshots]
+    assert steps == [0.0, 1.0, 1.0, 2.0]
+    assert counts == [1.0, 1.0, 2.0, 1.0]
+
+
 def test_without_extra_forward_the_callback_recomputes_nothing() -> None:
     module = MultiTask(extra_forward=False).double()
     trainer(4).fit(module, loader(4))
@@ -307,6 +322,6 @@ def test_ddp_strategy_on_two_processes_equals_one_process(tmp_path: Path) -> Non
     assert torch.equal(two["logits_of_every_rank"][0], two["logits_of_every_rank"][1])
     for name, parameter in one.net.named_parameters():
         torch.testing.assert_close(two["parameters"][name], parameter, rtol=1e-12, atol=1e-14)
-    for name, buffer in one.famo.named_buffers():
+    for name, buffer in one.famo.state_dict().items():
         torch.testing.assert_close(two["famo"][name], buffer, rtol=1e-10, atol=1e-14)
     assert one.famo.steps.tolist() == [3.0] * TASKS
