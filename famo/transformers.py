@@ -26,8 +26,10 @@ Both ``extra_forward`` settings work:
   and the logits do not move.
 
 Evaluation (``trainer.evaluate()``, ``eval_strategy``) calls ``compute_loss`` with the model in
-eval mode under ``torch.no_grad()``: FAMO then records nothing and the evaluation loss is FAMO's
-objective :math:`\\sum_i w_i \\ell_i` with the current weights.
+eval mode under ``torch.no_grad()``: FAMO then records nothing, and the evaluation loss (which the
+Trainer computes when the batches hold the ``label_names``, or a ``labels`` key) is FAMO's
+objective :math:`\\sum_i w_i \\ell_i` with the current weights. The predictions it gathers are
+the model's outputs less ``"task_losses"`` (none with a ``task_losses`` callable).
 
 The trainer leaves ``num_items_in_batch`` aside (``loss_is_scaled_for_ga = False``): each task
 loss is whatever the model or the function returns (a mean over that task's samples or tokens),
@@ -74,7 +76,9 @@ class FAMOTrainer(Trainer):
         Otherwise a callable ``(model, inputs) -> losses``. The losses are anything
         ``FAMOWeighting.loss`` accepts: a 1-D tensor, a sequence of scalar tensors, or a mapping
         from task name to scalar tensor (tasks may be missing with
-        ``allow_missing_tasks=True``).
+        ``allow_missing_tasks=True``). Inputs that the model's ``forward`` does not take (a
+        task id, say) reach the callable only with
+        ``TrainingArguments(remove_unused_columns=False)``.
     :param weighting: the attribute name of the ``FAMOWeighting`` on the model, or ``None``
         (default) to find the only one among the model's submodules.
     :param log_weights: add the weights to every ``log`` call (default ``True``).
