@@ -86,6 +86,8 @@ class FAMOTrainer(Trainer):
         ``None``; ``weighting`` names something else.
     :raises TypeError: ``task_losses`` is neither ``None`` nor callable; ``log_weights`` is not
         a bool.
+    :raises RuntimeError: (when training starts) the ``FAMOWeighting`` is already attached to an
+        optimizer by other code: the trainer attaches it itself.
 
     Example (a plain ``nn.Module``; a ``PreTrainedModel`` works the same way):
 
