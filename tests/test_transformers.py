@@ -243,6 +243,11 @@ def test_a_model_without_famo_or_task_losses_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"under 'task_losses' .* with keys \['loss'\]"):
         run.train()
 
+    attached = MultiTask()
+    attached.famo.attach(torch.optim.SGD(attached.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match="already attached"):
+        trainer(attached, arguments(tmp_path, 1), dataset(BATCH)).train()
+
 
 # ---------------------------------------------------------------------- a tiny causal LM
 
