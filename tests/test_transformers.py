@@ -11,6 +11,8 @@ config with random weights); the data are generated.
 from __future__ import annotations
 
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -357,3 +359,11 @@ def test_the_readme_transformers_example_runs(
 def test_the_readme_shows_the_tested_transformers_example() -> None:
     script = (SCRIPTS / "readme_transformers.py").read_text(encoding="utf-8")
     assert f"<!-- skip-test -->\n```python\n{script}```" in README.read_text(encoding="utf-8")
+
+
+def test_import_famo_does_not_import_transformers() -> None:
+    code = (
+        "import sys, famo; "
+        "assert not {'transformers', 'accelerate', 'pytorch_lightning'} & set(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
