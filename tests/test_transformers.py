@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from famo import FAMOWeighting
+from tests._scripts.launch import run_script
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -28,6 +29,8 @@ from famo.transformers import FAMOTrainer  # noqa: E402
 
 TASKS = ("a", "b", "c")
 BATCH = 4
+SCRIPTS = Path(__file__).resolve().parent / "_scripts"
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 class MultiTask(nn.Module):
@@ -251,6 +254,24 @@ def test_a_model_without_famo_or_task_losses_is_refused(tmp_path: Path) -> None:
         trainer(attached, arguments(tmp_path, 1), dataset(BATCH)).train()
 
 
+def test_two_ddp_processes_equal_one_process(tmp_path: Path) -> None:
+    # torchrun, 2 CPU processes (gloo): each takes half of every batch; FAMO all-reduces its
+    # loss values inside the Trainer, and with extra_forward=True the after-step forward runs
+    # on each rank's own micro-batches. Reduction order differs: equal to rounding.
+    from tests._scripts import transformers_ddp
+
+    out = tmp_path / "rank0.pt"
+    run_script(SCRIPTS / "transformers_ddp.py", str(out), "extra_forward", ranks=2)
+    two = torch.load(out)
+    one = transformers_ddp.fit(str(tmp_path / "one"), processes=1, extra_forward=True)
+    assert torch.equal(two["logits_of_every_rank"][0], two["logits_of_every_rank"][1])
+    for name, parameter in one.net.named_parameters():
+        torch.testing.assert_close(two["parameters"][name], parameter, rtol=1e-12, atol=1e-14)
+    for name, value in one.famo.state_dict().items():
+        torch.testing.assert_close(two["famo"][name], value, rtol=1e-10, atol=1e-14)
+    assert one.famo.steps.tolist() == [3.0] * 3
+
+
 # ---------------------------------------------------------------------- a tiny causal LM
 
 LM_TASKS = ("copy", "reverse", "sort")
@@ -338,9 +359,6 @@ def test_a_tiny_gpt2_with_missing_tasks_resumes_from_its_checkpoint(tmp_path: Pa
 
 
 # ---------------------------------------------------------------------- the README's example
-
-SCRIPTS = Path(__file__).resolve().parent / "_scripts"
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_the_readme_transformers_example_runs(
