@@ -4,7 +4,11 @@ from torch import nn
 
 from famo import FAMOWeighting
 
-accelerator = Accelerator(gradient_accumulation_steps=4, mixed_precision="bf16", cpu=True)
+accelerator = Accelerator(
+    gradient_accumulation_steps=4,
+    mixed_precision="bf16",
+    cpu=True,  # this example runs on the CPU; drop it to use the GPU
+)
 model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 2))
 optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 x, y = torch.randn(512, 10), torch.randn(512, 2) * torch.tensor([1.0, 30.0])
