@@ -76,6 +76,8 @@ class FAMOCallback(pl.Callback):
     :raises ValueError: (when the Trainer starts) the module holds no ``FAMOWeighting``, or
         several and ``weighting`` is ``None``; ``losses`` names no method of the module; the
         module uses manual optimization.
+    :raises RuntimeError: (when training starts, with ``extra_forward=False``) the
+        ``FAMOWeighting`` is already attached to an optimizer by other code.
 
     >>> import pytorch_lightning as pl
     >>> from famo import FAMOWeighting

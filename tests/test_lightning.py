@@ -130,7 +130,10 @@ def test_a_trainer_run_equals_the_plain_loop(accumulate: int, extra_forward: boo
 
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
-def test_resuming_from_a_lightning_checkpoint_is_bit_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra_forward", [True, False])
+def test_resuming_from_a_lightning_checkpoint_is_bit_identical(
+    extra_forward: bool, tmp_path: Path
+) -> None:
     # Lightning's ModelCheckpoint at each epoch's end. One batch per epoch, so that the data
     # order does not depend on how Lightning replays a resumed epoch (it restarts a plain
     # DataLoader from its first batch). FAMO's state is in the module's state_dict.
@@ -140,14 +143,18 @@ def test_resuming_from_a_lightning_checkpoint_is_bit_identical(tmp_path: Path) -
         )
         return {"callbacks": [FAMOCallback(), saving], "enable_checkpointing": True}
 
-    straight = MultiTask().double()
+    straight = MultiTask(extra_forward=extra_forward).double()
     trainer(4, **checkpointing(tmp_path / "straight")).fit(straight, loader(1))
     path = tmp_path / "straight" / "epoch=1-step=2.ckpt"
     saved = torch.load(path, weights_only=False)["state_dict"]
-    assert saved["famo.steps"].tolist() == [2.0] * TASKS
-    assert not saved["famo.pending_count"].any()  # saved between steps: nothing recorded
+    if extra_forward:
+        assert saved["famo.steps"].tolist() == [2.0] * TASKS
+        assert not saved["famo.pending_count"].any()  # saved between steps: nothing recorded
+    else:  # attached: the second step's losses await the next batch, which learns from them
+        assert saved["famo.steps"].tolist() == [1.0] * TASKS
+        assert saved["famo.pending_count"].tolist() == [1.0] * TASKS
 
-    resumed = MultiTask(seed=5).double()  # other weights: everything must come from the file
+    resumed = MultiTask(seed=5, extra_forward=extra_forward).double()  # all from the file
     assert not torch.equal(resumed.net[0].weight, straight.net[0].weight)
     trainer(4, **checkpointing(tmp_path / "straight")).fit(resumed, loader(1), ckpt_path=path)
     assert_same(resumed, straight, exact=True)
