@@ -136,6 +136,14 @@ def test_teacher_forced_exact_match_equals_greedy_decoding() -> None:
     assert teacher_forced.tolist() == [0.5, 1.0, 0.5, 0.0]
 
 
+def test_steps_to_a_level_is_the_first_evaluation_that_reaches_it() -> None:
+    run = lm.Run(
+        steps=[0, 100, 200],
+        accuracies=[[0.0, 0.0, 0.0, 0.0], [0.95, 0.5, 0.0, 0.9], [0.8, 0.9, 0.89, 1.0]],
+    )
+    assert run.steps_to(0.9) == [100, 200, None, 100]
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     folder = tmp_path_factory.mktemp("lm-smoke")
@@ -160,6 +168,7 @@ def test_smoke_run_writes_its_results(smoke: tuple[Path, dict[str, Any]]) -> Non
         assert all(0.0 <= a <= 1.0 for a in run["accuracy"])
         assert all(math.isfinite(x) and x > 0 for x in run["loss"])
         assert sum(run["batches_without_task"]) > 0  # FAMO saw batches with tasks missing
+        assert len(run["steps_to_90"]) == len(lm.TASKS)
     assert "famo" in lm.table(record)
 
 
