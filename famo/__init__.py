@@ -7,7 +7,7 @@ tensor([0.3333, 0.3333, 0.3333])
 
 from famo._checkpoint import FORMAT_VERSION
 from famo._settings import GAMMA_PRESETS
+from famo._version import __version__
 from famo._weighting import Attachment, FAMOWeighting
 
-__all__ = ["FORMAT_VERSION", "GAMMA_PRESETS", "Attachment", "FAMOWeighting"]
-__version__ = "0.2.0"
+__all__ = ["FORMAT_VERSION", "GAMMA_PRESETS", "Attachment", "FAMOWeighting", "__version__"]

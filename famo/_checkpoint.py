@@ -91,7 +91,7 @@ def read(
 ) -> Sorted:
     """Sort and check the FAMO part of a state dict (keys without the prefix)."""
     layout = _V1_KEYS if "_extra_state" in ours and "format_version" not in ours else KEYS
-    expected = [key for key in layout if key != "pending_stepped" or key in ours]
+    expected = list(layout)
     unexpected = [key for key in ours if key not in layout]
     present = [key for key in expected if key in ours]
     missing = [key for key in expected if key not in ours]
@@ -141,7 +141,7 @@ def _check(
             raise ValueError("The checkpoint's `task_names` should be a 1-D uint8 tensor.")
         decoded = _decode_task_names(encoded)
         theirs = decoded if decoded is not None else _length(ours["logits"])
-        stepped = _bool_scalar(ours.get("pending_stepped", torch.tensor(False)))
+        stepped = _bool_scalar(ours["pending_stepped"])
     if theirs != mine:
         raise ValueError(
             f"The checkpoint is for tasks {theirs!r}, but this FAMOWeighting has tasks {mine!r}. "

@@ -125,6 +125,11 @@ def fused_adam_available(device: torch.device) -> bool:
 _FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
 def adam_step_(
     logits: Tensor,
     grad: Tensor,
@@ -151,11 +156,12 @@ def adam_step_(
     ``fused=True`` runs ``torch._fused_adam_``, bit-identical to ``torch.optim.Adam(fused=True)``
     (two kernels; ``step`` must be float32). ``fused=False`` runs the same formulas op by op from
     the step tensor, with no host synchronisation, for torch versions or devices without the
-    fused kernel. ``skip`` (a 0-dim bool tensor): where True, nothing changes, step included.
+    fused kernel, and under ``torch.compile`` (which fuses them anyway). ``skip`` (a 0-dim bool
+    tensor): where True, nothing changes, step included.
     ``grad`` may be overwritten.
     """
     beta1, beta2 = betas
-    if fused:
+    if fused and not _compiling():  # functionalization cannot trace the fused kernel
         found_inf = None if skip is None else skip.to(torch.float32).reshape(1)
         torch._foreach_add_([step], 1)
         torch._fused_adam_(

@@ -31,6 +31,11 @@ _LOW_PRECISION: Final = (torch.float16, torch.bfloat16)
 # over each rank's own state, and a checkpoint needs a layout of its own anyway).
 _STATE: Final = ("_logits", "_exp_avg", "_exp_avg_sq", "_min_losses", "_offset", "_step")
 _WINDOW: Final = ("_window_sum", "_window_count", "_window_log")
+_PUBLIC_NAMES: Final = {
+    "_window_sum": "pending_sum",
+    "_window_log": "pending_sum",
+    "_step": "steps",
+}
 
 
 class FAMOWeighting(nn.Module):
@@ -358,14 +363,14 @@ class FAMOWeighting(nn.Module):
                 "torch.inference_mode(). Call it outside that block; only `update` (with the "
                 "losses recomputed after the step) belongs under no_grad."
             )
-        window = self._window()
+        window = None if self._ready_to_learn() else self._window()  # what a retry restores
         objective = self._loss(losses, record=True)
         try:
             objective.backward(**kwargs)  # type: ignore[no-untyped-call]
         except BaseException:
             # No optimizer step follows a failed backward pass: forget what this call recorded,
-            # so a retry is not averaged with it. (A logit step already taken stands.)
-            if self._window_sum is not None and window[0] is not None:
+            # so a retry is not averaged with it. (A logit step it took stands.)
+            if window is not None:
                 self._restore_window(window)
             else:
                 self._clear_window()
@@ -589,7 +594,8 @@ class FAMOWeighting(nn.Module):
 
         ``follow``: the state moves to the values' device (``loss``: the losses live with the
         model); ``False``: the values move to the state's (``update``: plain numbers, CPU
-        values); ``None``: nothing moves (meta losses, computed on copies). Returns a (k,) vector and, with ``allow_missing_tasks``, the mask of the tasks
+        values); ``None``: nothing moves (meta losses, computed on copies). Returns a (k,)
+        vector and, with ``allow_missing_tasks``, the mask of the tasks
         present on some rank (the vector holds 0 for the others).
         """
         given = batch.values.detach() if batch.values.requires_grad else batch.values
@@ -655,9 +661,8 @@ class FAMOWeighting(nn.Module):
         present = batch.present
         across_ranks = active_group(self._process_group) is not None
         index = slice(None) if present is None else list(present)
-        local = batch.values.detach()
         message = describe_bad_values(
-            values[index] if across_ranks or present is None else local,
+            values[index] if across_ranks else batch.values.detach(),
             values[index],
             self._offset[index],
             self._min_losses[index],
@@ -795,13 +800,14 @@ class FAMOWeighting(nn.Module):
                 after[name] = tensor
                 continue
             new = fn(tensor)
-            if new.dtype in _LOW_PRECISION or (name == "_step" and self._fused):
+            fused_step = name == "_step" and tensor.dim() == 0 and self._fused  # stays float32
+            if new.dtype in _LOW_PRECISION or fused_step:
                 new = tensor.to(new.device)
             after[name] = new
         new_dtype = after["_logits"].dtype
         if new_dtype != old_dtype:
             overflowed = [
-                name.lstrip("_")
+                _PUBLIC_NAMES.get(name, name.lstrip("_"))
                 for name, tensor in after.items()
                 if isinstance(tensor, Tensor)
                 and bool(torch.isfinite(before[name]).all())
@@ -903,8 +909,7 @@ class Attachment:
     def remove(self) -> None:
         self._handle.remove()
         if self._famo._attachment is self:
-            self._famo._attachment = None
-            self._famo._stepped = False
+            self._famo._attachment = None  # a real step already taken stays recorded
 
     def __enter__(self) -> Attachment:
         return self

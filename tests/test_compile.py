@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from famo import FAMOWeighting
@@ -213,10 +214,16 @@ def test_loss_and_update_compile_without_graph_breaks(extra_forward: bool) -> No
     # FAMO's autograd.Function) like the default backend, without generating C++.
     torch._dynamo.reset()
     eager = run(make_setup(extra_forward), lambda fn: fn)
-    compiled = run(
-        make_setup(extra_forward),
-        lambda fn: torch.compile(fn, fullgraph=True, backend="aot_eager"),
-    )
+    counters: list[Any] = []
+
+    def compile_counted(fn: Callable[..., Any]) -> Callable[..., Any]:
+        counters.append(CompileCounterWithBackend("aot_eager"))
+        return torch.compile(fn, fullgraph=True, backend=counters[-1])
+
+    compiled = run(make_setup(extra_forward), compile_counted)
+    # No recompiles: one graph for `loss` and one for `update`; without the extra forward there
+    # is no `update`, and `loss` has two (its first call has nothing recorded yet).
+    assert [counter.frame_count for counter in counters] == ([1, 1] if extra_forward else [2, 0])
     assert_close_runs(eager, compiled)
     assert compiled[1].steps.tolist() == ([4.0] * 3 if extra_forward else [3.0] * 3)
     assert compiled[1].logits.abs().min() > 1e-3

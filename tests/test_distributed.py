@@ -148,3 +148,31 @@ def test_a_group_without_an_initialised_process_group_is_an_error() -> None:
     famo.backward(torch.tensor([1.0, 2.0], requires_grad=True))  # None: one process, fine
     with pytest.raises(TypeError, match="process_group"):
         FAMOWeighting(2, process_group="world")
+
+
+@pytest.fixture(scope="module")
+def errors(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("distributed_errors") / "ranks.pt"
+    torchrun(SCRIPTS / "distributed_errors.py", str(out))
+    results: list[dict[str, Any]] = torch.load(out)
+    return results
+
+
+def test_a_nan_on_one_rank_raises_on_every_rank_and_training_goes_on(
+    errors: list[dict[str, Any]],
+) -> None:
+    # Rank 1 alone produced the NaN; both ranks skipped that batch together (no hang), and the
+    # logits stayed identical through the remaining steps.
+    assert [rank["shared"]["skipped"] for rank in errors] == [[2], [2]]
+    assert torch.equal(errors[0]["shared"]["logits"], errors[1]["shared"]["logits"])
+    assert errors[0]["shared"]["logits"].abs().min() > 1e-4  # it did train
+
+
+def test_process_group_false_inside_ddp_keeps_each_ranks_own_state(
+    errors: list[dict[str, Any]],
+) -> None:
+    for rank in errors:
+        # Equal to an object outside DDP fed this rank's losses: DDP overwrote nothing.
+        assert torch.equal(rank["own"]["logits"], rank["own"]["twin"])
+    assert errors[0]["own"]["skipped"] == errors[1]["own"]["skipped"] == []
+    assert not torch.equal(errors[0]["own"]["logits"], errors[1]["own"]["logits"])

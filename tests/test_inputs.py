@@ -132,7 +132,12 @@ BAD_CONSTRUCTION: list[tuple[str, Callable[[], object], type[Exception], str]] =
     ("a string", lambda: FAMOWeighting("seg"), TypeError, "sequence of task names"),
     ("no names", lambda: FAMOWeighting([]), ValueError, "at least one task"),
     ("duplicates", lambda: FAMOWeighting(["a", "a"]), ValueError, r"\['a'\] more than once"),
-    ("empty name", lambda: FAMOWeighting(["a", ""]), TypeError, "non-empty strings without NUL. Found ''"),
+    (
+        "empty name",
+        lambda: FAMOWeighting(["a", ""]),
+        TypeError,
+        "non-empty strings without NUL. Found ''",
+    ),
     ("negative lr", lambda: FAMOWeighting(2, lr=-1.0), ValueError, "`lr = -1.0`"),
     ("nan lr", lambda: FAMOWeighting(2, lr=math.nan), ValueError, "`lr = nan`"),
     ("negative gamma", lambda: FAMOWeighting(2, gamma=-1e-3), ValueError, "`gamma = -0.001`"),

@@ -35,7 +35,14 @@ def logit_gradients_are_not_rounding_noise(
     return len(before) == 1 or bool((g.abs() > 1e-9 * (1.0 + delta.abs().max())).all())
 
 
-def run_lockstep(scenario: Scenario, betas: tuple[float, float], adam_eps: float) -> None:
+def run_lockstep(
+    scenario: Scenario,
+    betas: tuple[float, float],
+    adam_eps: float,
+    *,
+    via_double: bool = False,
+    rtol: float = 1e-12,
+) -> None:
     assume(improvements_are_distinct(scenario))
     options: dict[str, Any] = {
         "lr": scenario.lr,
@@ -44,7 +51,10 @@ def run_lockstep(scenario: Scenario, betas: tuple[float, float], adam_eps: float
         "betas": betas,
         "adam_eps": adam_eps,
     }
-    famo = FAMOWeighting(scenario.num_tasks, dtype=F64, **options)
+    if via_double:  # float32 first, then .double(): the bounds must come back exactly
+        famo = FAMOWeighting(scenario.num_tasks, **options).double()
+    else:
+        famo = FAMOWeighting(scenario.num_tasks, dtype=F64, **options)
     reference = ReferenceFAMO(scenario.num_tasks, **options)
     for before, after in scenario.steps:
         torch.testing.assert_close(
@@ -53,13 +63,13 @@ def run_lockstep(scenario: Scenario, betas: tuple[float, float], adam_eps: float
         assume(logit_gradients_are_not_rounding_noise(reference, before, after))
         famo.update(list(after))
         reference.update(after)
-        torch.testing.assert_close(famo.logits, reference.logits.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(famo.logits, reference.logits.detach(), rtol=rtol, atol=1e-12)
 
 
-@given(scenarios())
-@example(Scenario(1, 0.025, 1e-3, (0.0,), (((1.0,), (0.5,)),)))  # one task: weight 1, logit 0
-def test_famo_matches_reference_step_by_step(scenario: Scenario) -> None:
-    run_lockstep(scenario, betas=(0.9, 0.999), adam_eps=1e-8)
+@given(scenarios(), st.booleans())
+@example(Scenario(1, 0.025, 1e-3, (0.0,), (((1.0,), (0.5,)),)), False)  # one task: logit 0
+def test_famo_matches_reference_step_by_step(scenario: Scenario, via_double: bool) -> None:
+    run_lockstep(scenario, betas=(0.9, 0.999), adam_eps=1e-8, via_double=via_double)
 
 
 @given(
@@ -70,7 +80,9 @@ def test_famo_matches_reference_step_by_step(scenario: Scenario) -> None:
 def test_inner_adam_matches_torch_adam_for_any_betas_and_eps(
     scenario: Scenario, betas: tuple[float, float], adam_eps: float
 ) -> None:
-    run_lockstep(scenario, betas=betas, adam_eps=adam_eps)
+    # torch's fused kernel and the reference's single-tensor Adam round differently; with β₂
+    # near 0 and lr up to 0.5 the logits reach hundreds, where that is 1e-12 relative.
+    run_lockstep(scenario, betas=betas, adam_eps=adam_eps, rtol=1e-11)
 
 
 def test_official_gamma_is_selectable_by_name() -> None:

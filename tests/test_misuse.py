@@ -7,11 +7,14 @@ call left the object exactly as it was.
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import famo as famo_package
 from famo import FAMOWeighting
 from tests.helpers import assert_same_state, snapshot
 
@@ -34,13 +37,13 @@ def test_negative_loss_without_bounds_points_to_min_losses() -> None:
     assert torch.isfinite(fixed.weights).all()
 
 
-def test_zero_loss_without_bounds_names_the_task() -> None:
+def test_a_loss_below_its_bound_names_the_task() -> None:
     famo = FAMOWeighting(["seg", "depth"])
     with pytest.raises(ValueError, match=r"task 'depth'.*min_losses"):
         famo.backward(
             {
                 "seg": torch.tensor(1.0, requires_grad=True),
-                "depth": torch.zeros((), requires_grad=True),
+                "depth": torch.tensor(-1e-3, requires_grad=True),
             }
         )
 
@@ -234,3 +237,12 @@ def test_bounds_given_as_a_tensor_with_grad_are_taken_as_constants() -> None:
     assert not famo.min_losses.requires_grad and famo.min_losses.grad_fn is None
     copy.deepcopy(famo).backward(_leaf(0.5, 1.0))
     assert bounds.grad is None
+
+
+@pytest.mark.parametrize("module", ["lightning", "transformers"])
+def test_the_integrations_use_only_the_public_api(module: str) -> None:
+    """They are what users copy: no private attribute of FAMOWeighting (``famo._pending``…)."""
+    lines = (Path(famo_package.__file__).parent / f"{module}.py").read_text().splitlines()
+    code = "\n".join(line for line in lines if not line.lstrip().startswith(("from ", "import ")))
+    private = sorted(set(re.findall(r"\bfamo\._[a-z]\w*", code)))
+    assert private == [], private

@@ -37,7 +37,12 @@ def run_script(script: Path, *args: str, ranks: int | None = None) -> str:
         output, _ = process.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
+        # torchrun's workers may sit in sessions of their own, holding the output pipe open.
+        subprocess.run(["pkill", "-9", "-f", str(script)], check=False)
+        try:
+            output, _ = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            output = "(no output: the workers could not be stopped)"
         pytest.fail(f"{script.name} did not finish within {TIMEOUT_S} s:\n{output[-3000:]}")
     assert process.returncode == 0, output[-3000:]
     return output
