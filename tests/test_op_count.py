@@ -1,0 +1,127 @@
+"""The cost of a FAMO step, counted in ATen operations under a dispatch mode (deterministic).
+
+``docs/design.md`` §2 describes the fast path: with ``validate=False`` and no task missing, a
+training step (``loss``, its backward, ``update``) is 18 operations, ``update`` alone 9, and none
+of them makes the host wait for the device. ``losses.sum().backward()`` is 5 for comparison
+(``benchmarks/speed.py`` reports both beside its timings). Each extra ``loss`` call of an
+accumulation window adds its own operations plus one (the running sum), and the window's
+``update`` two (the log of the mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from famo import FAMOWeighting, _functional
+
+FUSED = _functional.fused_adam_available(torch.device("cpu"))
+# Limits: with torch's fused Adam (the default where it exists), and op by op without it.
+STEP_LIMIT, UPDATE_LIMIT = (23, 9) if FUSED else (36, 27)
+SYNCS = {"aten._local_scalar_dense.default", "aten.item.default"}
+
+
+class CountOps(TorchDispatchMode):
+    """Records every ATen operation that reaches the dispatcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[Any] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def names(self) -> list[str]:
+        return [str(op) for op in self.ops]
+
+    @property
+    def kernels(self) -> list[str]:
+        """The operations that launch work (views and aliases only relabel memory)."""
+        return [str(op) for op in self.ops if not op.is_view]
+
+
+def count(action: Callable[[], None]) -> CountOps:
+    with CountOps() as counter:
+        action()
+    return counter
+
+
+def assert_no_host_sync(counter: CountOps) -> None:
+    assert not SYNCS & set(counter.names), counter.names
+    copies = [op for op in counter.ops if str(op).startswith("aten._to_copy")]
+    assert copies == [], copies  # a device-to-host copy would show here
+
+
+@pytest.mark.parametrize("k", [2, 1000])
+def test_a_step_takes_at_most_23_operations_and_update_9(k: int) -> None:
+    famo = FAMOWeighting(k, validate=False)
+    before, after = torch.rand(k) + 0.5, torch.rand(k) + 0.5
+
+    def loss_and_backward() -> None:
+        famo.loss(leaf).backward()
+
+    def update() -> None:
+        with torch.no_grad():
+            famo.update(after)
+
+    leaf = before.clone().requires_grad_()
+    loss_and_backward()
+    update()  # warm: first-call work (none expected) is not what a step costs
+    forward = count(loss_and_backward)
+    learn = count(update)
+    total = len(forward.ops) + len(learn.ops)
+    print(
+        f"k={k}: {total} ops per step ({len(forward.kernels) + len(learn.kernels)} kernels), "
+        f"update {len(learn.ops)}: {learn.names}"
+    )
+    assert total <= STEP_LIMIT, forward.names + learn.names
+    assert len(learn.ops) <= UPDATE_LIMIT, learn.names
+    for counter in (forward, learn):
+        assert_no_host_sync(counter)
+
+
+def test_each_extra_call_of_an_accumulation_window_costs_its_own_operations_plus_one() -> None:
+    famo = FAMOWeighting(3, validate=False)
+    losses = torch.tensor([1.0, 2.0, 3.0])
+
+    def window(calls: int) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(calls):
+                famo.loss(leaves.pop()).backward()
+            with torch.no_grad():
+                famo.update(losses * 0.9)
+
+        return run
+
+    leaves = [losses.clone().requires_grad_() for _ in range(10)]
+    window(1)()  # warm
+    lone_call = count(lambda: famo.loss(leaves.pop()).backward())
+    famo.discard()
+    one, two, three = (len(count(window(n)).ops) for n in (1, 2, 3))
+    per_call = len(lone_call.ops)
+    assert three - two == per_call + 1  # the running sum
+    assert two - one == per_call + 1 + 2  # ... and, once per window, the log of the mean
+
+
+def test_without_the_extra_forward_a_step_is_even_cheaper() -> None:
+    famo = FAMOWeighting(2, validate=False, extra_forward=False)
+    losses = torch.tensor([1.0, 2.0])
+    for _ in range(2):
+        famo.loss(losses.clone().requires_grad_()).backward()
+    leaf = losses.clone().requires_grad_()
+    counter = count(lambda: famo.loss(leaf).backward())
+    assert len(counter.ops) <= STEP_LIMIT - 2, counter.names
+    assert_no_host_sync(counter)
+
+
+def test_validation_is_the_one_host_sync() -> None:
+    famo = FAMOWeighting(2)  # validate=True
+    leaf = torch.tensor([1.0, 2.0], requires_grad=True)
+    counter = count(lambda: famo.loss(leaf).backward())
+    assert counter.names.count("aten._local_scalar_dense.default") == 1
