@@ -1,9 +1,9 @@
-"""The way the published FAMO code does it (``docs/design.md`` §1), reimplemented as the speed baseline.
+"""The published FAMO code's way (``docs/design.md`` §1), reimplemented as the speed baseline.
 
 The official implementation keeps the logits as a tensor with `requires_grad=True`, builds the
 objective with the softmax inside the autograd graph (so `backward` also reaches the logits), and
 computes the logit gradient in `update` by a second autograd call through the softmax, which a
-separate `torch.optim.Adam` then applies. The arithmetic is that of ``docs/design.md`` §1; only the cost differs.
+separate `torch.optim.Adam` then applies. The arithmetic is the same; only the cost differs.
 """
 
 from __future__ import annotations

@@ -30,12 +30,8 @@ _LOW_PRECISION: Final = (torch.float16, torch.bfloat16)
 # The tensors of the state, as attributes (not buffers: DDP would broadcast buffers from rank 0
 # over each rank's own state, and a checkpoint needs a layout of its own anyway).
 _STATE: Final = ("_logits", "_exp_avg", "_exp_avg_sq", "_min_losses", "_offset", "_step")
-_WINDOW: Final = ("_window_sum", "_window_count", "_window_log")
-_PUBLIC_NAMES: Final = {
-    "_window_sum": "pending_sum",
-    "_window_log": "pending_sum",
-    "_step": "steps",
-}
+_RECORDED: Final = ("sum", "count", "log")
+_PUBLIC_NAMES: Final = {"_recorded.sum": "pending_sum", "_recorded.log": "pending_sum"}
 
 
 class FAMOWeighting(nn.Module):
@@ -132,10 +128,7 @@ class FAMOWeighting(nn.Module):
         https://github.com/Cranial-XIX/FAMO.
     """
 
-    _window_sum: Tensor | None  # sum of the losses recorded since the last logit step
-    _window_count: int | Tensor  # how many calls recorded them (per task with missing tasks)
-    _window_log: Tensor | None  # log(mean - b + eps) of the window, where a lone call knows it
-    _stepped: bool  # an attached optimizer really stepped since the window opened
+    _recorded: _Recorded
 
     lr = Setting()
     gamma = Setting()
@@ -201,7 +194,7 @@ class FAMOWeighting(nn.Module):
         self._step = self._zero_step()
         self._min_losses = bounds.to(state_device, state_dtype)
         self._offset = self._offset_from(self._min_losses)
-        self._clear_window()
+        self._recorded = _Recorded()
 
     # ------------------------------------------------------------------ read-only state
 
@@ -264,19 +257,19 @@ class FAMOWeighting(nn.Module):
     @property
     def pending(self) -> bool:
         """Whether losses are recorded and waiting for a logit step (or :meth:`discard`)."""
-        return self._window_sum is not None
+        return self._recorded.sum is not None
 
     @property
     def pending_sum(self) -> Tensor:
         """The sum of the losses recorded since the last logit step, shape (k,) (a copy)."""
-        if self._window_sum is None:
+        if self._recorded.sum is None:
             return torch.zeros_like(self._logits)
-        return self._window_sum.clone()
+        return self._recorded.sum.clone()
 
     @property
     def pending_count(self) -> Tensor:
         """How many losses were recorded since the last logit step, per task, shape (k,)."""
-        count = self._window_count
+        count = self._recorded.count
         if isinstance(count, Tensor):
             return count.clone()
         return torch.full_like(self._logits, float(count))
@@ -363,7 +356,7 @@ class FAMOWeighting(nn.Module):
                 "torch.inference_mode(). Call it outside that block; only `update` (with the "
                 "losses recomputed after the step) belongs under no_grad."
             )
-        window = None if self._ready_to_learn() else self._window()  # what a retry restores
+        window = None if self._ready_to_learn() else self._recorded.fields()  # for a retry
         objective = self._loss(losses, record=True)
         try:
             objective.backward(**kwargs)  # type: ignore[no-untyped-call]
@@ -371,7 +364,7 @@ class FAMOWeighting(nn.Module):
             # No optimizer step follows a failed backward pass: forget what this call recorded,
             # so a retry is not averaged with it. (A logit step it took stands.)
             if window is not None:
-                self._restore_window(window)
+                self._recorded.restore(window)
             else:
                 self._clear_window()
             raise
@@ -408,7 +401,7 @@ class FAMOWeighting(nn.Module):
                 "extra_forward=False: it learns from the next batch's losses inside `loss` and "
                 "`backward`. Call only `backward` (or `loss`) once per step."
             )
-        if self._window_sum is None:
+        if self._recorded.sum is None:
             raise RuntimeError(
                 "`update` was called with no losses recorded. Call `backward(losses)` or "
                 "`loss(losses)` before the optimizer step, then `update(new_losses)` once after "
@@ -416,7 +409,7 @@ class FAMOWeighting(nn.Module):
             )
         skip_tensor = check_skip(skip)
         batch = self._read(new_losses, "new_losses", for_backward=False)
-        if skip is True or (self._attachment is not None and not self._stepped):
+        if skip is True or (self._attachment is not None and not self._recorded.stepped):
             self._clear_window()  # the step did not happen: nothing to learn from
             return
         values, mask = self._values(batch, follow=False)
@@ -494,8 +487,8 @@ class FAMOWeighting(nn.Module):
         return self._attachment
 
     def _stepped_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._window_sum is not None:
-            self._stepped = True
+        if self._recorded.sum is not None:
+            self._recorded.stepped = True
 
     def reset(self) -> None:
         """Back to the start: zero logits (uniform weights), fresh Adam, nothing recorded.
@@ -552,7 +545,7 @@ class FAMOWeighting(nn.Module):
             log_d = self._log_distance(values, mask, offset)
             learn = record and self._ready_to_learn()
             if self._validate:
-                accumulate = record and not learn and self._window_sum is not None
+                accumulate = record and not learn and self._recorded.sum is not None
                 self._check(batch, values, log_d, mask, "losses", accumulate=accumulate)
             if learn:
                 self._learn(log_d, mask, None)
@@ -654,8 +647,8 @@ class FAMOWeighting(nn.Module):
             )
         good = torch.isfinite(log_d).all()
         if accumulate:
-            assert self._window_sum is not None
-            good &= torch.isfinite(self._window_sum + values).all()
+            assert self._recorded.sum is not None
+            good &= torch.isfinite(self._recorded.sum + values).all()
         if bool(good):
             return
         present = batch.present
@@ -667,7 +660,7 @@ class FAMOWeighting(nn.Module):
             self._offset[index],
             self._min_losses[index],
             self.eps,
-            self._window_sum[index] if accumulate and self._window_sum is not None else None,
+            self._recorded.sum[index] if accumulate and self._recorded.sum is not None else None,
             present,
             param,
             self._task_names,
@@ -684,24 +677,24 @@ class FAMOWeighting(nn.Module):
         """With ``extra_forward=False``: a ``loss`` call now takes the pending logit step."""
         return (
             not self._extra_forward
-            and self._window_sum is not None
-            and (self._attachment is None or self._stepped)
+            and self._recorded.sum is not None
+            and (self._attachment is None or self._recorded.stepped)
         )
 
     def _record(self, values: Tensor, log_d: Tensor, mask: Tensor | None) -> None:
         # By reference: `values` is a fresh (or detached) tensor that nothing else writes to.
         count: int | Tensor = 1 if mask is None else mask.to(values.dtype)
-        if self._window_sum is None:
-            self._window_sum, self._window_count = values, count
-            self._window_log = log_d if mask is None else None
+        if self._recorded.sum is None:
+            self._recorded.sum, self._recorded.count = values, count
+            self._recorded.log = log_d if mask is None else None
         else:
-            self._window_sum = self._window_sum + values
-            self._window_count = self._window_count + count
-            self._window_log = None
+            self._recorded.sum = self._recorded.sum + values
+            self._recorded.count = self._recorded.count + count
+            self._recorded.log = None
 
     def _learn(self, after: Tensor, after_mask: Tensor | None, skip: Tensor | None) -> None:
         """The logit step from the recorded losses to ``after`` (log D); then forget them."""
-        window_sum, count, before = self._window_sum, self._window_count, self._window_log
+        window_sum, count, before = self._recorded.sum, self._recorded.count, self._recorded.log
         assert window_sum is not None
         settings = self._settings
         adam = {
@@ -740,17 +733,9 @@ class FAMOWeighting(nn.Module):
 
     # ------------------------------------------------------------------ small state helpers
 
-    def _window(self) -> tuple[Any, ...]:
-        return (self._window_sum, self._window_count, self._window_log, self._stepped)
-
-    def _restore_window(self, window: tuple[Any, ...]) -> None:
-        self._window_sum, self._window_count, self._window_log, self._stepped = window
-
     def _clear_window(self) -> None:
-        self._window_sum = None
-        self._window_count = 0
-        self._window_log = None
-        self._stepped = False
+        recorded = self._recorded
+        recorded.sum, recorded.count, recorded.log, recorded.stepped = None, 0, None, False
 
     def _zero_step(self) -> Tensor:
         """Adam's step count: one 0-dim count, or one per task when tasks may be missing."""
@@ -792,7 +777,9 @@ class FAMOWeighting(nn.Module):
         Converting float64 to float32 is undone, with an error, where a value would overflow.
         """
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
-        before = {name: getattr(self, name) for name in (*_STATE, *_WINDOW)}
+        recorded = self._recorded
+        before = {name: getattr(self, name) for name in _STATE}
+        before.update({f"_recorded.{name}": getattr(recorded, name) for name in _RECORDED})
         old_dtype = self._logits.dtype
         after: dict[str, Any] = {}
         for name, tensor in before.items():
@@ -824,7 +811,10 @@ class FAMOWeighting(nn.Module):
             after["_min_losses"] = exact
             after["_offset"] = self._offset_from(exact)
         for name, value in after.items():
-            setattr(self, name, value)
+            if name.startswith("_recorded."):
+                setattr(recorded, name.removeprefix("_recorded."), value)
+            else:
+                setattr(self, name, value)
         self._fused = _functional.fused_adam_available(self._logits.device)
         if self._step.dim() == 0:
             step_dtype = torch.float32 if self._fused else self._logits.dtype
@@ -843,7 +833,7 @@ class FAMOWeighting(nn.Module):
             "min_losses": self._min_losses,
             "pending_sum": self.pending_sum,
             "pending_count": self.pending_count,
-            "pending_stepped": torch.tensor(self._stepped),
+            "pending_stepped": torch.tensor(self._recorded.stepped),
             "task_names": _checkpoint.encode_task_names(self._task_names),
             "format_version": torch.tensor(_checkpoint.FORMAT_VERSION),
         }
@@ -894,9 +884,25 @@ class FAMOWeighting(nn.Module):
         self._clear_window()
         counts = tensors["pending_count"]
         if bool((counts > 0).any()):
-            self._window_sum = tensors["pending_sum"]
-            self._window_count = counts if self._allow_missing_tasks else int(counts[0].item())
-            self._stepped = found.state.stepped
+            self._recorded.sum = tensors["pending_sum"]
+            self._recorded.count = counts if self._allow_missing_tasks else int(counts[0].item())
+            self._recorded.stepped = found.state.stepped
+
+
+class _Recorded:
+    """What was recorded since the last logit step (a plain object: cheap to update)."""
+
+    def __init__(self) -> None:
+        self.sum: Tensor | None = None  # the sum of the recorded losses
+        self.count: int | Tensor = 0  # how many calls recorded them (per task, missing tasks)
+        self.log: Tensor | None = None  # log(mean - b + eps), where a lone call knows it
+        self.stepped = False  # an attached optimizer really stepped since the first of them
+
+    def fields(self) -> tuple[Any, ...]:
+        return self.sum, self.count, self.log, self.stepped
+
+    def restore(self, fields: tuple[Any, ...]) -> None:
+        self.sum, self.count, self.log, self.stepped = fields
 
 
 class Attachment:

@@ -11,45 +11,17 @@ accumulation window adds its own operations plus one (the running sum), and the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.opcount import CountOps, count
 from famo import FAMOWeighting, _functional
 
 FUSED = _functional.fused_adam_available(torch.device("cpu"))
 # Limits: with torch's fused Adam (the default where it exists), and op by op without it.
 STEP_LIMIT, UPDATE_LIMIT = (23, 9) if FUSED else (36, 27)
 SYNCS = {"aten._local_scalar_dense.default", "aten.item.default"}
-
-
-class CountOps(TorchDispatchMode):
-    """Records every ATen operation that reaches the dispatcher."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[Any] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops.append(func)
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def names(self) -> list[str]:
-        return [str(op) for op in self.ops]
-
-    @property
-    def kernels(self) -> list[str]:
-        """The operations that launch work (views and aliases only relabel memory)."""
-        return [str(op) for op in self.ops if not op.is_view]
-
-
-def count(action: Callable[[], None]) -> CountOps:
-    with CountOps() as counter:
-        action()
-    return counter
 
 
 def assert_no_host_sync(counter: CountOps) -> None:
