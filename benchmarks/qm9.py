@@ -365,8 +365,8 @@ def comparison(name: str, payload: dict[str, Any]) -> str:
     seeds = len(payload["runs"]["famo"])
     text = (
         f"\n\nFAMO (γ = 1e-3) is {verdict} the summed loss here: Δm% {famo:+.1f} ± {famo_std:.1f} "
-        f'against {total:+.1f} ± {total_std:.1f} ({seeds} seeds; "level" means within the '
-        "seeds' spread)."
+        f"against {total:+.1f} ± {total_std:.1f} ({seeds} seeds; the gap is "
+        f"{'within' if verdict == 'level with' else 'larger than'} the seeds' spread)."
     )
     paper = payload.get("paper_delta_m", {})
     if name == "qm9" and paper:
