@@ -60,10 +60,15 @@ def test_multimnist_smoke(smoke_dir: Path) -> None:
     assert all(0.0 <= acc <= 1.0 for run in record["runs"]["famo"] for acc in run["accuracy"])
 
 
-def test_qm9_smoke(smoke_dir: Path) -> None:
-    record = _written(smoke_dir, "qm9")
-    assert len(record["targets"]) == 11
+@pytest.mark.parametrize("name", ["qm9", "qm9_fit"])
+def test_qm9_smoke(smoke_dir: Path, name: str) -> None:
+    record = _written(smoke_dir, name)
+    assert len(record["targets"]) == len(record["units"]) == 11
+    assert record["units"][6] == "meV"  # U₀, an atomization energy in PyG's units
+    assert ("no fit" in record["setting"]["targets"]) == (name == "qm9")
     assert all(mae > 0 for run in record["runs"]["famo"] for mae in run["mae"])
+    assert all(run["best_epoch"] >= 1 for run in record["runs"]["famo"])
+    assert record["summary"]["stl"]["delta_m"][0] == 0.0
 
 
 def test_report_renders_every_section(smoke_dir: Path) -> None:
