@@ -236,3 +236,27 @@ def describe_bad_values(
                 "down or create FAMOWeighting(..., dtype=torch.float64)."
             )
     raise AssertionError("describe_bad_values called on valid values")
+
+
+def after_losses_of(rows: list[Any]) -> Any:
+    """One step's after-losses from the losses of each of its micro-batches (for ``update``).
+
+    The integrations recompute every micro-batch of an accumulation window after the optimizer
+    step; ``update`` averages what this returns (the rows of a tensor, the values of a name).
+    """
+    if len(rows) == 1:
+        return rows[0]
+    if all(isinstance(row, Tensor) for row in rows):
+        return torch.stack(rows)  # (micro_batches, k): `update` averages the rows
+    if all(isinstance(row, Mapping) for row in rows):
+        names = {name for row in rows for name in row}
+        return {
+            name: torch.stack([torch.as_tensor(row[name]) for row in rows if name in row]).mean()
+            for name in names
+        }
+    if all(isinstance(row, Sequence) for row in rows):
+        return torch.stack([torch.stack([torch.as_tensor(v) for v in row]) for row in rows])
+    raise TypeError(
+        "The task losses should be of one form (tensor, sequence or mapping) for every batch. "
+        f"Found {sorted({type(row).__name__ for row in rows})}."
+    )

@@ -26,12 +26,12 @@ Uses ``pytorch_lightning`` if it is installed, otherwise ``lightning.pytorch``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
 
+from famo._losses import after_losses_of
 from famo._weighting import FAMOWeighting
 
 try:
@@ -212,7 +212,7 @@ class FAMOCallback(pl.Callback):
             return
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             rows = [self._task_losses(pl_module, batch) for batch in window]
-        famo.update(_average(rows))
+        famo.update(after_losses_of(rows))
 
     def _remove_hook(self) -> None:
         if self._detach is not None:
@@ -247,23 +247,3 @@ def _scaler(trainer: pl.Trainer) -> Any:
     """The Trainer's GradScaler (``precision="16-mixed"``), or None."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return scaler if callable(getattr(scaler, "get_scale", None)) else None
-
-
-def _average(rows: list[Any]) -> Any:
-    """One step's after-losses from the losses of each of its batches (what `update` takes)."""
-    if len(rows) == 1:
-        return rows[0]
-    if all(isinstance(row, Tensor) for row in rows):
-        return torch.stack(rows)  # (micro_batches, k): `update` averages the rows
-    if all(isinstance(row, Mapping) for row in rows):
-        names = {name for row in rows for name in row}
-        return {
-            name: torch.stack([torch.as_tensor(row[name]) for row in rows if name in row]).mean()
-            for name in names
-        }
-    if all(isinstance(row, Sequence) for row in rows):
-        return torch.stack([torch.stack([torch.as_tensor(v) for v in row]) for row in rows])
-    raise TypeError(
-        "The task losses should be of one form (tensor, sequence or mapping) for every batch. "
-        f"Found {sorted({type(row).__name__ for row in rows})}."
-    )

@@ -39,13 +39,14 @@ plain loop divides ``famo.loss(losses)`` by the window length.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
+from famo._losses import after_losses_of
 from famo._weighting import FAMOWeighting
 
 __all__ = ["FAMOTrainer"]
@@ -200,7 +201,7 @@ class FAMOTrainer(Trainer):
             return
         with torch.no_grad(), self.compute_loss_context_manager():
             rows = [self.compute_task_losses(model, inputs)[0] for model, inputs in window]
-        self.famo.update(_average(rows))
+        self.famo.update(after_losses_of(rows))
 
 
 class _FAMOSteps(TrainerCallback):
@@ -258,23 +259,3 @@ def _predictions(outputs: Any) -> Any:
 def _keys(outputs: Any) -> str:
     keys = getattr(outputs, "keys", None)
     return f" with keys {sorted(keys())}" if callable(keys) else ""
-
-
-def _average(rows: list[Any]) -> Any:
-    """One step's after-losses from the losses of each of its micro-batches (for `update`)."""
-    if len(rows) == 1:
-        return rows[0]
-    if all(isinstance(row, Tensor) for row in rows):
-        return torch.stack(rows)  # (micro_batches, k): `update` averages the rows
-    if all(isinstance(row, Mapping) for row in rows):
-        names = {name for row in rows for name in row}
-        return {
-            name: torch.stack([torch.as_tensor(row[name]) for row in rows if name in row]).mean()
-            for name in names
-        }
-    if all(isinstance(row, Sequence) for row in rows):
-        return torch.stack([torch.stack([torch.as_tensor(v) for v in row]) for row in rows])
-    raise TypeError(
-        "The task losses should be of one form (tensor, sequence or mapping) for every batch. "
-        f"Found {sorted({type(row).__name__ for row in rows})}."
-    )
