@@ -922,3 +922,27 @@ class Attachment:
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+
+def find_weighting(module: nn.Module, attribute: str | None, who: str) -> FAMOWeighting:
+    """The FAMOWeighting an integration (``who``) drives: ``module.<attribute>``, or the only one.
+
+    :raises ValueError: the attribute is not a FAMOWeighting, or there is not exactly one.
+    """
+    if attribute is not None:
+        found = getattr(module, attribute, None)
+        if not isinstance(found, FAMOWeighting):
+            raise ValueError(
+                f"`weighting` names {attribute!r}, but {type(module).__name__}.{attribute} is "
+                f"{type(found).__name__}, not a FAMOWeighting."
+            )
+        return found
+    candidates = [m for m in module.modules() if isinstance(m, FAMOWeighting)]
+    if len(candidates) != 1:
+        raise ValueError(
+            f"{who} should find one FAMOWeighting in {type(module).__name__}. Found "
+            f"{len(candidates)}. Assign one as an attribute of the model (self.famo = "
+            "FAMOWeighting(...)), so that the model's checkpoints hold its state, or name it "
+            f"with {who}(weighting='attribute')."
+        )
+    return candidates[0]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from famo._losses import after_losses_of
-from famo._weighting import FAMOWeighting
+from famo._weighting import FAMOWeighting, find_weighting
 
 try:
     import pytorch_lightning as pl
@@ -225,22 +225,7 @@ class FAMOCallback(pl.Callback):
         return self.losses(pl_module, batch)
 
     def _famo(self, pl_module: pl.LightningModule) -> FAMOWeighting:
-        if self.weighting is not None:
-            found = getattr(pl_module, self.weighting, None)
-            if not isinstance(found, FAMOWeighting):
-                raise ValueError(
-                    f"`weighting` names {self.weighting!r}, but {type(pl_module).__name__}."
-                    f"{self.weighting} is {type(found).__name__}, not a FAMOWeighting."
-                )
-            return found
-        candidates = [m for m in pl_module.modules() if isinstance(m, FAMOWeighting)]
-        if len(candidates) != 1:
-            raise ValueError(
-                f"FAMOCallback should find one FAMOWeighting in {type(pl_module).__name__}. Found "
-                f"{len(candidates)}. Assign one as an attribute in __init__ (self.famo = "
-                "FAMOWeighting(...)), or name it with FAMOCallback(weighting='attribute')."
-            )
-        return candidates[0]
+        return find_weighting(pl_module, self.weighting, "FAMOCallback")
 
 
 def _scaler(trainer: pl.Trainer) -> Any:

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from famo._losses import after_losses_of
-from famo._weighting import FAMOWeighting
+from famo._weighting import FAMOWeighting, find_weighting
 
 __all__ = ["FAMOTrainer"]
 
@@ -226,23 +226,7 @@ def _find_famo(model: Any, weighting: str | None) -> FAMOWeighting:
         raise ValueError(
             f"FAMOTrainer should get a model (an nn.Module). Found {type(model).__name__}."
         )
-    if weighting is not None:
-        found = getattr(model, weighting, None)
-        if not isinstance(found, FAMOWeighting):
-            raise ValueError(
-                f"`weighting` names {weighting!r}, but {type(model).__name__}.{weighting} is "
-                f"{type(found).__name__}, not a FAMOWeighting."
-            )
-        return found
-    candidates = [m for m in model.modules() if isinstance(m, FAMOWeighting)]
-    if len(candidates) != 1:
-        raise ValueError(
-            f"FAMOTrainer should find one FAMOWeighting in {type(model).__name__}. Found "
-            f"{len(candidates)}. Assign one as an attribute of the model (model.famo = "
-            "FAMOWeighting(...)), so that the Trainer's checkpoints hold its state, or name it "
-            "with FAMOTrainer(weighting='attribute')."
-        )
-    return candidates[0]
+    return find_weighting(model, weighting, "FAMOTrainer")
 
 
 def _predictions(outputs: Any) -> Any:
