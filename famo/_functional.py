@@ -41,16 +41,19 @@ __all__ = [
 ]
 
 
-def log_distance(losses: Tensor, offset: Tensor) -> Tensor:
+def log_distance(losses: Tensor, mask: Tensor | None, offset: Tensor) -> Tensor:
     r""":math:`\log D = \log(\ell + (\epsilon - b))`, how far each loss is above its bound.
 
     Finite exactly when the loss is usable: :math:`D > 0` and finite. So one
-    ``torch.isfinite(log_distance(...)).all()`` checks every loss at once.
+    ``torch.isfinite(log_distance(...)).all()`` checks every loss at once. Tasks outside
+    ``mask`` (absent) get 0.
 
-    >>> log_distance(torch.tensor([1.0, 2.0]), torch.tensor([0.0, -1.0]))
+    >>> log_distance(torch.tensor([1.0, 2.0]), None, torch.tensor([0.0, -1.0]))
     tensor([0., 0.])
     """
-    return torch.add(losses, offset).log_()
+    if mask is None:
+        return torch.add(losses, offset).log_()
+    return torch.where(mask, torch.add(losses, offset), 1.0).log_()
 
 
 def loss_weights(logits: Tensor, log_d: Tensor) -> Tensor:
@@ -187,9 +190,17 @@ def adam_step_(
     if skip is not None:
         steps = step.expand_as(logits).clone()
         masked_adam_step_(
-            logits, grad, exp_avg, exp_avg_sq, steps, ~skip.reshape(1),
-            lr=lr, gamma=gamma, betas=betas, eps=eps,
-        )  # fmt: skip
+            logits,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            steps,
+            ~skip.reshape(1),
+            lr=lr,
+            gamma=gamma,
+            betas=betas,
+            eps=eps,
+        )
         step.copy_(steps[0])
         return
     step.add_(1.0)

@@ -5,10 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from famo._distributed import all_reduce_sum_, world_size
+
+if TYPE_CHECKING:
+    from famo._state import State
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,87 @@ def _check_floating(losses: Tensor, param: str) -> None:
         )
 
 
+def average_over_ranks(
+    values: Tensor,
+    present: tuple[int, ...] | None,
+    group: Any,
+    *,
+    num_tasks: int,
+    masked: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The values averaged over the ranks of ``group`` (None: one process), as a (k,) vector.
+
+    ``masked`` (tasks may be missing): each task's mean is over the ranks that have it, and the
+    mask of the tasks present on some rank comes back too (the vector holds 0 for the others).
+    """
+    if not masked:
+        if group is not None:
+            values = all_reduce_sum_(values.clone(), group).div_(world_size(group))
+        return values, None
+    packed = values.new_zeros(2, num_tasks)
+    if present is None:
+        packed[0] = values
+        packed[1] = 1.0
+    else:
+        # Python indices, not an index tensor: that would be a blocking host→device copy.
+        for position, task in enumerate(present):
+            packed[0, task] = values[position]
+            packed[1, task] = 1.0
+    if group is not None:
+        all_reduce_sum_(packed, group)
+    sums, counts = packed
+    return sums / counts.clamp_min(1.0), counts > 0
+
+
+def check_values(
+    batch: LossVector,
+    values: Tensor,
+    log_d: Tensor,
+    state: State,
+    *,
+    param: str,
+    eps: float,
+    names: tuple[str, ...] | None,
+    accumulate: bool,
+    across_ranks: bool,
+) -> None:
+    """Raise a clear ValueError for a loss FAMO's math cannot use (one host sync).
+
+    ``values`` are the (averaged) values in the state's dtype and ``log_d`` their log-distance;
+    ``accumulate``: they will be added to the recorded sum, which must stay finite.
+    """
+    if values.device.type == "meta":
+        raise ValueError(
+            f"`{param}` are on the meta device, which holds no values to check. Create "
+            "FAMOWeighting(..., validate=False) to run on meta tensors."
+        )
+    recorded = state.recorded.sum if accumulate else None
+    good = torch.isfinite(log_d).all()
+    if recorded is not None:
+        good &= torch.isfinite(recorded + values).all()
+    if bool(good):
+        return
+    index = slice(None) if batch.present is None else list(batch.present)
+    message = describe_bad_values(
+        values[index] if across_ranks else batch.values.detach(),
+        values[index],
+        state.offset[index],
+        state.min_losses[index],
+        eps,
+        None if recorded is None else recorded[index],
+        batch.present,
+        param,
+        names,
+        across_ranks,
+    )
+    if param == "new_losses":
+        message += (
+            " The losses recorded for this step are kept: call `discard()` to drop them, "
+            "or `update` again with usable values."
+        )
+    raise ValueError(message)
+
+
 def describe_bad_values(
     given: Tensor,
     values: Tensor,
@@ -236,27 +322,3 @@ def describe_bad_values(
                 "down or create FAMOWeighting(..., dtype=torch.float64)."
             )
     raise AssertionError("describe_bad_values called on valid values")
-
-
-def after_losses_of(rows: list[Any]) -> Any:
-    """One step's after-losses from the losses of each of its micro-batches (for ``update``).
-
-    The integrations recompute every micro-batch of an accumulation window after the optimizer
-    step; ``update`` averages what this returns (the rows of a tensor, the values of a name).
-    """
-    if len(rows) == 1:
-        return rows[0]
-    if all(isinstance(row, Tensor) for row in rows):
-        return torch.stack(rows)  # (micro_batches, k): `update` averages the rows
-    if all(isinstance(row, Mapping) for row in rows):
-        names = {name for row in rows for name in row}
-        return {
-            name: torch.stack([torch.as_tensor(row[name]) for row in rows if name in row]).mean()
-            for name in names
-        }
-    if all(isinstance(row, Sequence) for row in rows):
-        return torch.stack([torch.stack([torch.as_tensor(v) for v in row]) for row in rows])
-    raise TypeError(
-        "The task losses should be of one form (tensor, sequence or mapping) for every batch. "
-        f"Found {sorted({type(row).__name__ for row in rows})}."
-    )

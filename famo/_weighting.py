@@ -1,40 +1,28 @@
-"""FAMOWeighting: the bookkeeping around FAMO's arithmetic (:mod:`famo._functional`)."""
+"""FAMOWeighting's training calls: the bookkeeping around :mod:`famo._functional`'s arithmetic.
+
+Construction, settings, state, devices and checkpoints are in :mod:`famo._module`.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from famo import _checkpoint, _functional
-from famo._distributed import active_group, all_reduce_sum_, is_process_group, world_size
-from famo._losses import LossVector, describe_bad_values, read_losses
-from famo._settings import (
-    HYPERPARAMETERS,
-    Setting,
-    check,
-    check_dtype,
-    check_flag,
-    check_min_losses,
-    check_representable,
-    check_skip,
-    check_tasks,
-    describe,
-)
+from famo import _functional
+from famo._attach import Attachment
+from famo._distributed import active_group
+from famo._losses import LossVector, average_over_ranks, check_values, read_losses
+from famo._module import StateModule
+from famo._settings import check_skip
 
 Losses = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
-_LOW_PRECISION: Final = (torch.float16, torch.bfloat16)
-# The tensors of the state, as attributes (not buffers: DDP would broadcast buffers from rank 0
-# over each rank's own state, and a checkpoint needs a layout of its own anyway).
-_STATE: Final = ("_logits", "_exp_avg", "_exp_avg_sq", "_min_losses", "_offset", "_step")
-_RECORDED: Final = ("sum", "count", "log")
-_PUBLIC_NAMES: Final = {"_recorded.sum": "pending_sum", "_recorded.log": "pending_sum"}
 
 
-class FAMOWeighting(nn.Module):
+class FAMOWeighting(StateModule):
     r"""Weights k task losses so that all of them fall at about the same relative rate (FAMO).
 
     Drop it into an existing multi-task loop: call :meth:`backward` (or :meth:`loss`) instead of
@@ -128,152 +116,6 @@ class FAMOWeighting(nn.Module):
         https://github.com/Cranial-XIX/FAMO.
     """
 
-    _recorded: _Recorded
-
-    lr = Setting()
-    gamma = Setting()
-    eps = Setting()
-    betas = Setting()
-    adam_eps = Setting()
-
-    def __init__(
-        self,
-        tasks: int | Sequence[str],
-        *,
-        lr: float = 0.025,
-        gamma: float | str = 1e-3,
-        min_losses: float | Sequence[float] | Tensor | None = None,
-        eps: float = 1e-8,
-        betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
-        validate: bool = True,
-        extra_forward: bool = True,
-        allow_missing_tasks: bool = False,
-        process_group: Any = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        names = check_tasks(tasks)
-        num_tasks = len(names) if names is not None else int(tasks)  # type: ignore[arg-type]
-        given = {"lr": lr, "gamma": gamma, "eps": eps, "betas": betas, "adam_eps": adam_eps}
-        settings = {h.name: check(h.name, given[h.name]) for h in HYPERPARAMETERS}
-        for flag, value in (
-            ("validate", validate),
-            ("extra_forward", extra_forward),
-            ("allow_missing_tasks", allow_missing_tasks),
-        ):
-            check_flag(flag, value)
-        if not (process_group is None or process_group is False or is_process_group(process_group)):
-            raise TypeError(
-                "`process_group` should be None (the default group when one is initialised), "
-                f"False (no communication) or a torch.distributed ProcessGroup. Found "
-                f"{process_group!r}."
-            )
-        state_dtype = check_dtype(dtype)
-        for name in ("lr", "gamma", "eps"):
-            check_representable(name, settings[name], state_dtype)
-        bounds = check_min_losses(min_losses, num_tasks)
-        check_representable("min_losses", float(bounds.abs().max()), state_dtype)
-
-        super().__init__()
-        self._settings = settings
-        self._task_names = names
-        self._num_tasks = num_tasks
-        self._validate = validate
-        self._extra_forward = extra_forward
-        self._allow_missing_tasks = allow_missing_tasks
-        self._process_group = process_group
-        self._initial_min_losses = bounds  # float64 on the CPU: what reset_parameters restores
-        self._exact_min_losses = bounds  # float64: the bounds survive .float() then .double()
-        self._attachment: Attachment | None = None
-        state_device = torch.empty(0, device=device).device  # honours `with torch.device(...)`
-        self._fused = _functional.fused_adam_available(state_device)
-        self._logits = torch.zeros(num_tasks, device=state_device, dtype=state_dtype)
-        self._exp_avg = torch.zeros_like(self._logits)
-        self._exp_avg_sq = torch.zeros_like(self._logits)
-        self._step = self._zero_step()
-        self._min_losses = bounds.to(state_device, state_dtype)
-        self._offset = self._offset_from(self._min_losses)
-        self._recorded = _Recorded()
-
-    # ------------------------------------------------------------------ read-only state
-
-    @property
-    def task_names(self) -> tuple[str, ...] | None:
-        """The task names given to the constructor, or None when it was given a count."""
-        return self._task_names
-
-    @property
-    def num_tasks(self) -> int:
-        return self._num_tasks
-
-    @property
-    def extra_forward(self) -> bool:
-        return self._extra_forward
-
-    @property
-    def allow_missing_tasks(self) -> bool:
-        return self._allow_missing_tasks
-
-    @property
-    def process_group(self) -> Any:
-        return self._process_group
-
-    @property
-    def validate(self) -> bool:
-        """Whether loss values are checked (one host sync per call). Assignable."""
-        return self._validate
-
-    @validate.setter
-    def validate(self, value: bool) -> None:
-        self._validate = check_flag("validate", value)
-
-    @property
-    def logits(self) -> Tensor:
-        r"""The logits :math:`\xi`, shape (k,)."""
-        return self._logits
-
-    @property
-    def exp_avg(self) -> Tensor:
-        """Adam's first moment of the logits, shape (k,)."""
-        return self._exp_avg
-
-    @property
-    def exp_avg_sq(self) -> Tensor:
-        """Adam's second moment of the logits, shape (k,)."""
-        return self._exp_avg_sq
-
-    @property
-    def min_losses(self) -> Tensor:
-        """The lower bounds :math:`b`, shape (k,), in the state's dtype."""
-        return self._min_losses
-
-    @property
-    def steps(self) -> Tensor:
-        """Adam's step count per task, shape (k,), in the state's dtype (a copy)."""
-        step = self._step.to(self._logits.dtype)
-        return step.expand(self._num_tasks).clone() if step.dim() == 0 else step.clone()
-
-    @property
-    def pending(self) -> bool:
-        """Whether losses are recorded and waiting for a logit step (or :meth:`discard`)."""
-        return self._recorded.sum is not None
-
-    @property
-    def pending_sum(self) -> Tensor:
-        """The sum of the losses recorded since the last logit step, shape (k,) (a copy)."""
-        if self._recorded.sum is None:
-            return torch.zeros_like(self._logits)
-        return self._recorded.sum.clone()
-
-    @property
-    def pending_count(self) -> Tensor:
-        """How many losses were recorded since the last logit step, per task, shape (k,)."""
-        count = self._recorded.count
-        if isinstance(count, Tensor):
-            return count.clone()
-        return torch.full_like(self._logits, float(count))
-
     @property
     def weights(self) -> Tensor:
         r"""The current task weights :math:`z = \operatorname{softmax}(\xi)`, detached, shape (k,).
@@ -284,7 +126,7 @@ class FAMOWeighting(nn.Module):
         >>> FAMOWeighting(4).weights
         tensor([0.2500, 0.2500, 0.2500, 0.2500])
         """
-        return torch.softmax(self._logits.detach(), dim=0)
+        return torch.softmax(self._state.logits.detach(), dim=0)
 
     def weights_dict(self, prefix: str = "famo/", *, as_floats: bool = False) -> dict[str, Any]:
         """The weights :math:`z` as named scalars, for a logger: ``{prefix + task: weight}``.
@@ -356,7 +198,7 @@ class FAMOWeighting(nn.Module):
                 "torch.inference_mode(). Call it outside that block; only `update` (with the "
                 "losses recomputed after the step) belongs under no_grad."
             )
-        window = None if self._ready_to_learn() else self._recorded.fields()  # for a retry
+        window = None if self._ready_to_learn() else self._state.recorded.fields()  # for a retry
         objective = self._loss(losses, record=True)
         try:
             objective.backward(**kwargs)  # type: ignore[no-untyped-call]
@@ -364,9 +206,9 @@ class FAMOWeighting(nn.Module):
             # No optimizer step follows a failed backward pass: forget what this call recorded,
             # so a retry is not averaged with it. (A logit step it took stands.)
             if window is not None:
-                self._recorded.restore(window)
+                self._state.recorded.restore(window)
             else:
-                self._clear_window()
+                self._state.recorded.clear()
             raise
 
     def update(self, new_losses: Any, *, skip: bool | Tensor = False) -> None:
@@ -401,7 +243,7 @@ class FAMOWeighting(nn.Module):
                 "extra_forward=False: it learns from the next batch's losses inside `loss` and "
                 "`backward`. Call only `backward` (or `loss`) once per step."
             )
-        if self._recorded.sum is None:
+        if self._state.recorded.sum is None:
             raise RuntimeError(
                 "`update` was called with no losses recorded. Call `backward(losses)` or "
                 "`loss(losses)` before the optimizer step, then `update(new_losses)` once after "
@@ -409,17 +251,17 @@ class FAMOWeighting(nn.Module):
             )
         skip_tensor = check_skip(skip)
         batch = self._read(new_losses, "new_losses", for_backward=False)
-        if skip is True or (self._attachment is not None and not self._recorded.stepped):
-            self._clear_window()  # the step did not happen: nothing to learn from
+        if skip is True or (self._attachment is not None and not self._state.recorded.stepped):
+            self._state.recorded.clear()  # the step did not happen: nothing to learn from
             return
         values, mask = self._values(batch, follow=False)
         with torch.no_grad():
-            after = self._log_distance(values, mask, self._offset)
+            after = _functional.log_distance(values, mask, self._state.offset)
             if self._validate:
-                self._check(batch, values, after, mask, "new_losses", accumulate=False)
+                self._check(batch, values, after, "new_losses", accumulate=False)
             if skip_tensor is not None:
                 skip_tensor = skip_tensor.to(after.device)
-            self._learn(after, mask, skip_tensor)
+            self._state.learn(after, mask, skip_tensor, self._adam())
 
     def discard(self) -> None:
         """Forget the recorded losses without learning from them (the step did not happen).
@@ -430,7 +272,7 @@ class FAMOWeighting(nn.Module):
         >>> famo.pending
         False
         """
-        self._clear_window()
+        self._state.recorded.clear()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Attachment:
         """Learn on the optimizer's real steps, through ``register_step_post_hook``.
@@ -473,87 +315,36 @@ class FAMOWeighting(nn.Module):
                 "This FAMOWeighting is already attached to an optimizer. Call `remove()` on the "
                 "handle that `attach` returned before attaching it again."
             )
-        while not hasattr(optimizer, "register_step_post_hook") or isinstance(
-            getattr(optimizer, "optimizer", None), torch.optim.Optimizer
-        ):
-            inner = getattr(optimizer, "optimizer", None)
-            if inner is None:
-                raise TypeError(
-                    "`optimizer` should be a torch.optim.Optimizer (or a wrapper holding one as "
-                    f"`.optimizer`). Found {type(optimizer).__name__}."
-                )
-            optimizer = inner
-        self._attachment = Attachment(self, optimizer.register_step_post_hook(self._stepped_hook))
+        self._attachment = Attachment(optimizer, self._state.recorded, self._detached)
         return self._attachment
 
-    def _stepped_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._recorded.sum is not None:
-            self._recorded.stepped = True
-
-    def reset(self) -> None:
-        """Back to the start: zero logits (uniform weights), fresh Adam, nothing recorded.
-
-        Hyper-parameters and ``min_losses`` are kept.
-
-        >>> famo = FAMOWeighting(2)
-        >>> _ = famo.logits.fill_(3.0)
-        >>> famo.reset()
-        >>> famo.weights
-        tensor([0.5000, 0.5000])
-        """
-        with torch.no_grad():
-            for tensor in (self._logits, self._exp_avg, self._exp_avg_sq, self._step):
-                tensor.zero_()
-        self._clear_window()
-
-    def reset_parameters(self) -> None:
-        """The constructor's state, bounds included (after ``to_empty``, for deferred init).
-
-        >>> with torch.device("meta"):
-        ...     famo = FAMOWeighting(2, min_losses=[0.0, -1.0])
-        >>> _ = famo.to_empty(device="cpu")
-        >>> famo.reset_parameters()
-        >>> famo.min_losses, famo.logits
-        (tensor([ 0., -1.]), tensor([0., 0.]))
-        """
-        self._set_min_losses(self._initial_min_losses)
-        self.reset()
-
-    def extra_repr(self) -> str:
-        tasks = self._task_names if self._task_names is not None else self._num_tasks
-        parts = [f"tasks={tasks!r}", *describe(self._settings)]
-        for flag, default in (
-            ("extra_forward", True),
-            ("allow_missing_tasks", False),
-            ("validate", True),
-        ):
-            if getattr(self, flag) != default:
-                parts.append(f"{flag}={not default}")
-        return ", ".join(parts)
+    def _detached(self, attachment: Attachment) -> None:
+        if self._attachment is attachment:
+            self._attachment = None
 
     # ------------------------------------------------------------------ the calls' steps
 
     def _loss(self, losses: Losses, *, record: bool) -> Tensor:
         batch = self._read(losses, "losses", for_backward=record)
         # Meta losses (shape tracing) never move a state that holds values: compute on copies.
-        scratch = batch.values.device.type == "meta" and self._logits.device.type != "meta"
+        scratch = batch.values.device.type == "meta" and self._state.logits.device.type != "meta"
         values, mask = self._values(batch, follow=None if scratch else True)
-        logits, offset = self._logits, self._offset
+        logits, offset = self._state.logits, self._state.offset
         if scratch:
             logits, offset, record = logits.to("meta"), offset.to("meta"), False
         with torch.no_grad():
-            log_d = self._log_distance(values, mask, offset)
+            log_d = _functional.log_distance(values, mask, offset)
             learn = record and self._ready_to_learn()
             if self._validate:
-                accumulate = record and not learn and self._recorded.sum is not None
-                self._check(batch, values, log_d, mask, "losses", accumulate=accumulate)
+                accumulate = record and not learn and self._state.recorded.sum is not None
+                self._check(batch, values, log_d, "losses", accumulate=accumulate)
             if learn:
-                self._learn(log_d, mask, None)
+                self._state.learn(log_d, mask, None, self._adam())
             if mask is not None:
                 logits = logits.masked_fill(~mask, -math.inf)
             weights = _functional.loss_weights(logits, log_d)
             if record:
-                self._record(values, log_d, mask)
+                self._state.record(values, log_d, mask)
         if batch.present is not None:
             weights = torch.stack([weights[task] for task in batch.present])  # no index tensor
         given = batch.values
@@ -592,7 +383,7 @@ class FAMOWeighting(nn.Module):
         present on some rank (the vector holds 0 for the others).
         """
         given = batch.values.detach() if batch.values.requires_grad else batch.values
-        state = self._logits
+        state = self._state.logits
         if given.device != state.device and follow is not None:
             if follow:
                 self.to(given.device)  # the state follows the losses (a copy, nothing changes)
@@ -604,345 +395,33 @@ class FAMOWeighting(nn.Module):
             else:
                 given = given.to(state.device)
         values = given.to(state.dtype) if given.dtype != state.dtype else given
-        group = active_group(self._process_group)
-        if not self._allow_missing_tasks:
-            if group is not None:
-                values = all_reduce_sum_(values.clone(), group).div_(world_size(group))
-            return values, None
-        packed = values.new_zeros(2, self._num_tasks)
-        if batch.present is None:
-            packed[0] = values
-            packed[1] = 1.0
-        else:
-            # Python indices, not an index tensor: that would be a blocking host→device copy.
-            for position, task in enumerate(batch.present):
-                packed[0, task] = values[position]
-                packed[1, task] = 1.0
-        if group is not None:
-            all_reduce_sum_(packed, group)
-        sums, counts = packed
-        return sums / counts.clamp_min(1.0), counts > 0
-
-    @staticmethod
-    def _log_distance(values: Tensor, mask: Tensor | None, offset: Tensor) -> Tensor:
-        if mask is None:
-            return _functional.log_distance(values, offset)
-        return torch.where(mask, torch.add(values, offset), 1.0).log_()
+        return average_over_ranks(
+            values,
+            batch.present,
+            active_group(self._process_group),
+            num_tasks=self._num_tasks,
+            masked=self._allow_missing_tasks,
+        )
 
     def _check(
-        self,
-        batch: LossVector,
-        values: Tensor,
-        log_d: Tensor,
-        mask: Tensor | None,
-        param: str,
-        *,
-        accumulate: bool,
+        self, batch: LossVector, values: Tensor, log_d: Tensor, param: str, *, accumulate: bool
     ) -> None:
-        """Raise a clear ValueError for a loss FAMO's math cannot use (one host sync)."""
-        if values.device.type == "meta":
-            raise ValueError(
-                f"`{param}` are on the meta device, which holds no values to check. Create "
-                "FAMOWeighting(..., validate=False) to run on meta tensors."
-            )
-        good = torch.isfinite(log_d).all()
-        if accumulate:
-            assert self._recorded.sum is not None
-            good &= torch.isfinite(self._recorded.sum + values).all()
-        if bool(good):
-            return
-        present = batch.present
-        across_ranks = active_group(self._process_group) is not None
-        index = slice(None) if present is None else list(present)
-        message = describe_bad_values(
-            values[index] if across_ranks else batch.values.detach(),
-            values[index],
-            self._offset[index],
-            self._min_losses[index],
-            self.eps,
-            self._recorded.sum[index] if accumulate and self._recorded.sum is not None else None,
-            present,
-            param,
-            self._task_names,
-            across_ranks,
+        check_values(
+            batch,
+            values,
+            log_d,
+            self._state,
+            param=param,
+            eps=self.eps,
+            names=self._task_names,
+            accumulate=accumulate,
+            across_ranks=active_group(self._process_group) is not None,
         )
-        if param == "new_losses":
-            message += (
-                " The losses recorded for this step are kept: call `discard()` to drop them, "
-                "or `update` again with usable values."
-            )
-        raise ValueError(message)
 
     def _ready_to_learn(self) -> bool:
         """With ``extra_forward=False``: a ``loss`` call now takes the pending logit step."""
         return (
             not self._extra_forward
-            and self._recorded.sum is not None
-            and (self._attachment is None or self._recorded.stepped)
+            and self._state.recorded.sum is not None
+            and (self._attachment is None or self._state.recorded.stepped)
         )
-
-    def _record(self, values: Tensor, log_d: Tensor, mask: Tensor | None) -> None:
-        # By reference: `values` is a fresh (or detached) tensor that nothing else writes to.
-        count: int | Tensor = 1 if mask is None else mask.to(values.dtype)
-        if self._recorded.sum is None:
-            self._recorded.sum, self._recorded.count = values, count
-            self._recorded.log = log_d if mask is None else None
-        else:
-            self._recorded.sum = self._recorded.sum + values
-            self._recorded.count = self._recorded.count + count
-            self._recorded.log = None
-
-    def _learn(self, after: Tensor, after_mask: Tensor | None, skip: Tensor | None) -> None:
-        """The logit step from the recorded losses to ``after`` (log D); then forget them."""
-        window_sum, count, before = self._recorded.sum, self._recorded.count, self._recorded.log
-        assert window_sum is not None
-        settings = self._settings
-        adam = {
-            "lr": settings["lr"],
-            "gamma": settings["gamma"],
-            "betas": settings["betas"],
-            "eps": settings["adam_eps"],
-        }
-        if not isinstance(count, Tensor):
-            if before is None:  # several calls: log of their mean
-                before = torch.add(self._offset, window_sum, alpha=1.0 / count).log_()
-            delta = _functional.centred_improvement(before, after)
-            grad = _functional.logit_gradient(self._logits, delta)
-            _functional.adam_step_(
-                self._logits,
-                grad,
-                self._exp_avg,
-                self._exp_avg_sq,
-                self._step,
-                fused=self._fused,
-                skip=skip,
-                **adam,
-            )
-        else:
-            recorded = count > 0
-            mean = window_sum / count.clamp_min(1.0)
-            before = torch.where(recorded, torch.add(mean, self._offset), 1.0).log_()
-            mask = recorded if after_mask is None else recorded & after_mask
-            grad = _functional.masked_logit_gradient(self._logits, before - after, mask)
-            if skip is not None:
-                mask = mask & ~skip
-            _functional.masked_adam_step_(
-                self._logits, grad, self._exp_avg, self._exp_avg_sq, self._step, mask, **adam
-            )
-        self._clear_window()
-
-    # ------------------------------------------------------------------ small state helpers
-
-    def _clear_window(self) -> None:
-        recorded = self._recorded
-        recorded.sum, recorded.count, recorded.log, recorded.stepped = None, 0, None, False
-
-    def _zero_step(self) -> Tensor:
-        """Adam's step count: one 0-dim count, or one per task when tasks may be missing."""
-        logits = self._logits
-        if self._allow_missing_tasks:
-            return torch.zeros_like(logits)
-        dtype = torch.float32 if self._fused else logits.dtype  # the fused kernel's step dtype
-        return torch.zeros((), device=logits.device, dtype=dtype)
-
-    def _offset_from(self, min_losses: Tensor) -> Tensor:
-        r""":math:`\epsilon - b`, computed once: then :math:`D = \ell + (\epsilon - b)`."""
-        return min_losses.neg().add_(self.eps)
-
-    def _set_min_losses(self, exact: Tensor) -> None:
-        self._exact_min_losses = exact.detach().to("cpu", torch.float64, copy=True)
-        self._min_losses = exact.to(self._logits.device, self._logits.dtype, copy=True)
-        self._offset = self._offset_from(self._min_losses)
-
-    def _setting_changed(self, name: str, value: Any) -> None:
-        if name in ("lr", "gamma", "eps"):
-            check_representable(name, value, self._logits.dtype)
-        self._settings[name] = value
-        if name == "eps":
-            self._offset = self._offset_from(self._min_losses)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A copy (deepcopy for an EMA model, pickling) is not attached to the optimizer.
-        state = dict(super().__getstate__())  # type: ignore[no-untyped-call]
-        state["_attachment"] = None
-        return state
-
-    # ------------------------------------------------------------------ devices and dtypes
-
-    def _apply(self, fn: Any, recurse: bool = True) -> FAMOWeighting:
-        """``.to()``, ``.double()``, ``to_empty()``… applied to the state tensors.
-
-        ``.half()``/``.bfloat16()`` on a parent model keep FAMO's precision (only the device
-        follows). Converting to float64 takes the bounds from their exact float64 copy.
-        Converting float64 to float32 is undone, with an error, where a value would overflow.
-        """
-        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
-        recorded = self._recorded
-        before = {name: getattr(self, name) for name in _STATE}
-        before.update({f"_recorded.{name}": getattr(recorded, name) for name in _RECORDED})
-        old_dtype = self._logits.dtype
-        after: dict[str, Any] = {}
-        for name, tensor in before.items():
-            if not isinstance(tensor, Tensor):
-                after[name] = tensor
-                continue
-            new = fn(tensor)
-            fused_step = name == "_step" and tensor.dim() == 0 and self._fused  # stays float32
-            if new.dtype in _LOW_PRECISION or fused_step:
-                new = tensor.to(new.device)
-            after[name] = new
-        new_dtype = after["_logits"].dtype
-        if new_dtype != old_dtype:
-            overflowed = [
-                _PUBLIC_NAMES.get(name, name.lstrip("_"))
-                for name, tensor in after.items()
-                if isinstance(tensor, Tensor)
-                and bool(torch.isfinite(before[name]).all())
-                and not bool(torch.isfinite(tensor).all())
-            ]
-            if overflowed:
-                raise ValueError(
-                    f"FAMO's state ({', '.join(f'`{n}`' for n in overflowed)}) holds values "
-                    f"beyond the range of {new_dtype}, so the conversion was undone and the "
-                    f"state stays {old_dtype}. Call `update` or `discard` first, or keep the "
-                    f"state in {old_dtype}."
-                )
-            exact = self._exact_min_losses.to(after["_min_losses"].device, new_dtype)
-            after["_min_losses"] = exact
-            after["_offset"] = self._offset_from(exact)
-        for name, value in after.items():
-            if name.startswith("_recorded."):
-                setattr(recorded, name.removeprefix("_recorded."), value)
-            else:
-                setattr(self, name, value)
-        self._fused = _functional.fused_adam_available(self._logits.device)
-        if self._step.dim() == 0:
-            step_dtype = torch.float32 if self._fused else self._logits.dtype
-            self._step = self._step.to(step_dtype)
-        return self
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        """Write the layout of :mod:`famo._checkpoint`: tensors only, no hyper-parameters."""
-        tensors = {
-            "logits": self._logits,
-            "exp_avg": self._exp_avg,
-            "exp_avg_sq": self._exp_avg_sq,
-            "steps": self.steps,
-            "min_losses": self._min_losses,
-            "pending_sum": self.pending_sum,
-            "pending_count": self.pending_count,
-            "pending_stepped": torch.tensor(self._recorded.stepped),
-            "task_names": _checkpoint.encode_task_names(self._task_names),
-            "format_version": torch.tensor(_checkpoint.FORMAT_VERSION),
-        }
-        for key, value in tensors.items():
-            destination[prefix + key] = value.detach()
-
-    def _load_from_state_dict(
-        self,
-        state_dict: Mapping[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # torch calls this with strict=True whatever the user passed; the keys we report decide.
-        ours = {
-            key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)
-        }
-        found = _checkpoint.read(
-            ours,
-            names=self._task_names,
-            num_tasks=self._num_tasks,
-            allow_missing_tasks=self._allow_missing_tasks,
-            dtype=self._logits.dtype,
-        )
-        missing_keys.extend(prefix + key for key in found.missing)
-        unexpected_keys.extend(prefix + key for key in found.unexpected)
-        if found.error is not None:
-            error_msgs.append(found.error)
-        if found.state is None:
-            return
-        tensors = found.state.tensors
-        if not local_metadata.get("assign_to_params_buffers", False):
-            device = self._logits.device
-            tensors = {key: value.to(device, copy=True) for key, value in tensors.items()}
-        self._logits = tensors["logits"]
-        self._exp_avg = tensors["exp_avg"]
-        self._exp_avg_sq = tensors["exp_avg_sq"]
-        self._set_min_losses(tensors["min_losses"])
-        self._fused = _functional.fused_adam_available(self._logits.device)
-        steps = tensors["steps"]
-        if self._allow_missing_tasks:
-            self._step = steps
-        else:
-            self._step = steps[0].to(torch.float32 if self._fused else steps.dtype).clone()
-        self._clear_window()
-        counts = tensors["pending_count"]
-        if bool((counts > 0).any()):
-            self._recorded.sum = tensors["pending_sum"]
-            self._recorded.count = counts if self._allow_missing_tasks else int(counts[0].item())
-            self._recorded.stepped = found.state.stepped
-
-
-class _Recorded:
-    """What was recorded since the last logit step (a plain object: cheap to update)."""
-
-    def __init__(self) -> None:
-        self.sum: Tensor | None = None  # the sum of the recorded losses
-        self.count: int | Tensor = 0  # how many calls recorded them (per task, missing tasks)
-        self.log: Tensor | None = None  # log(mean - b + eps), where a lone call knows it
-        self.stepped = False  # an attached optimizer really stepped since the first of them
-
-    def fields(self) -> tuple[Any, ...]:
-        return self.sum, self.count, self.log, self.stepped
-
-    def restore(self, fields: tuple[Any, ...]) -> None:
-        self.sum, self.count, self.log, self.stepped = fields
-
-
-class Attachment:
-    """What :meth:`FAMOWeighting.attach` returns: ``remove()`` detaches from the optimizer."""
-
-    def __init__(self, famo: FAMOWeighting, handle: Any) -> None:
-        self._famo = famo
-        self._handle = handle
-
-    def remove(self) -> None:
-        self._handle.remove()
-        if self._famo._attachment is self:
-            self._famo._attachment = None  # a real step already taken stays recorded
-
-    def __enter__(self) -> Attachment:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.remove()
-
-
-def find_weighting(module: nn.Module, attribute: str | None, who: str) -> FAMOWeighting:
-    """The FAMOWeighting an integration (``who``) drives: ``module.<attribute>``, or the only one.
-
-    :raises ValueError: the attribute is not a FAMOWeighting, or there is not exactly one.
-    """
-    if attribute is not None:
-        found = getattr(module, attribute, None)
-        if not isinstance(found, FAMOWeighting):
-            raise ValueError(
-                f"`weighting` names {attribute!r}, but {type(module).__name__}.{attribute} is "
-                f"{type(found).__name__}, not a FAMOWeighting."
-            )
-        return found
-    candidates = [m for m in module.modules() if isinstance(m, FAMOWeighting)]
-    if len(candidates) != 1:
-        raise ValueError(
-            f"{who} should find one FAMOWeighting in {type(module).__name__}. Found "
-            f"{len(candidates)}. Assign one as an attribute of the model (self.famo = "
-            "FAMOWeighting(...)), so that the model's checkpoints hold its state, or name it "
-            f"with {who}(weighting='attribute')."
-        )
-    return candidates[0]

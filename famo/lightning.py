@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from famo._losses import after_losses_of
-from famo._weighting import FAMOWeighting, find_weighting
+from famo._integrations import after_losses_of, find_weighting
+from famo._weighting import FAMOWeighting
 
 try:
     import pytorch_lightning as pl

@@ -46,8 +46,8 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
-from famo._losses import after_losses_of
-from famo._weighting import FAMOWeighting, find_weighting
+from famo._integrations import after_losses_of, find_weighting
+from famo._weighting import FAMOWeighting
 
 __all__ = ["FAMOTrainer"]
 

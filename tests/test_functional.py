@@ -176,5 +176,5 @@ def test_the_masked_adam_step_moves_only_the_tasks_in_the_mask() -> None:
 
 def test_log_distance_is_finite_exactly_for_usable_losses() -> None:
     offset = torch.tensor([1e-8, 1e-8, 1e-8, 1e-8])
-    log_d = F.log_distance(torch.tensor([0.0, -1e-8, -1.0, math.inf]), offset)
+    log_d = F.log_distance(torch.tensor([0.0, -1e-8, -1.0, math.inf]), None, offset)
     assert torch.isfinite(log_d).tolist() == [True, False, False, False]
