@@ -127,7 +127,7 @@ class State:
                 self.exp_avg,
                 self.exp_avg_sq,
                 self.step,
-                fused=self.fused,
+                fused=_functional.use_fused_adam(self.logits.device),
                 skip=skip,
                 **adam,
             )

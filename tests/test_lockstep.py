@@ -89,3 +89,14 @@ def test_official_gamma_is_selectable_by_name() -> None:
     assert FAMOWeighting(2, gamma="official").gamma == 1e-5
     assert FAMOWeighting(2, gamma="paper").gamma == 1e-3
     assert FAMOWeighting(2).gamma == 1e-3
+
+
+@given(scenarios(max_tasks=16))
+def test_famo_on_one_thread_with_the_fused_adam_matches_reference(scenario: Scenario) -> None:
+    """One CPU thread runs torch's fused Adam kernel (several run it op by op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_lockstep(scenario, betas=(0.9, 0.999), adam_eps=1e-8)
+    finally:
+        torch.set_num_threads(threads)

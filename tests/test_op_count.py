@@ -10,7 +10,7 @@ accumulation window adds its own operations plus one (the running sum), and the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -19,8 +19,20 @@ from benchmarks.opcount import CountOps, count
 from famo import FAMOWeighting, _functional
 
 FUSED = _functional.fused_adam_available(torch.device("cpu"))
-# Limits: with torch's fused Adam (the default where it exists), and op by op without it.
-STEP_LIMIT, UPDATE_LIMIT = (23, 9) if FUSED else (36, 27)
+# Limits: with torch's fused Adam (on one CPU thread, or an accelerator), and op by op (several
+# CPU threads, or a torch without the kernel).
+STEP_LIMIT, UPDATE_LIMIT = (23, 9) if FUSED else (37, 28)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Where the fused kernel runs on the CPU (several threads take the op-by-op Adam)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SYNCS = {"aten._local_scalar_dense.default", "aten.item.default"}
 
 
@@ -97,3 +109,14 @@ def test_validation_is_the_one_host_sync() -> None:
     leaf = torch.tensor([1.0, 2.0], requires_grad=True)
     counter = count(lambda: famo.loss(leaf).backward())
     assert counter.names.count("aten._local_scalar_dense.default") == 1
+
+
+def test_on_several_cpu_threads_the_adam_step_runs_op_by_op() -> None:
+    famo = FAMOWeighting(2, validate=False)
+    leaf = torch.tensor([1.0, 2.0], requires_grad=True)
+    famo.loss(leaf).backward()
+    torch.set_num_threads(2)
+    learn = count(lambda: famo.update(torch.tensor([0.9, 1.8])))
+    assert "aten._fused_adam_.default" not in learn.names
+    assert len(learn.ops) <= 28, learn.names
+    assert_no_host_sync(learn)
