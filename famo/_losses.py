@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -16,8 +15,7 @@ if TYPE_CHECKING:
     from famo._state import State
 
 
-@dataclass(frozen=True)
-class LossVector:
+class LossVector(NamedTuple):
     """The losses of one call, in the declared task order.
 
     ``values`` holds the losses of the tasks in ``present`` (all tasks when ``present`` is None);
