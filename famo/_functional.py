@@ -25,6 +25,7 @@ gradient :math:`g`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -144,9 +145,10 @@ def use_fused_adam(device: torch.device) -> bool:
     return device.type != "cpu" or torch.get_num_threads() == 1
 
 
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
+# torch.compiler.is_compiling from torch 2.3; False where it does not exist.
+_compiling: Callable[[], bool] = getattr(
+    getattr(torch, "compiler", None), "is_compiling", lambda: False
+)
 
 
 def adam_step_(

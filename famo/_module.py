@@ -81,6 +81,7 @@ class StateModule(nn.Module):
 
         super().__init__()
         self._settings = settings
+        self._refresh_adam()
         self._task_names = names
         self._num_tasks = num_tasks
         self._validate = validate
@@ -212,22 +213,23 @@ class StateModule(nn.Module):
 
     # ------------------------------------------------------------------ state, devices, checkpoints
 
-    def _adam(self) -> dict[str, Any]:
-        """The logits' Adam settings, as :func:`famo._functional.adam_step_` takes them."""
+    def _setting_changed(self, name: str, value: Any) -> None:
+        if name in ("lr", "gamma", "eps"):
+            check_representable(name, value, self._state.logits.dtype)
+        self._settings[name] = value
+        self._refresh_adam()
+        if name == "eps":
+            self._state.refresh_offset(value)
+
+    def _refresh_adam(self) -> None:
+        """The logits' Adam settings as :func:`famo._functional.adam_step_` takes them."""
         settings = self._settings
-        return {
+        self._adam = {
             "lr": settings["lr"],
             "gamma": settings["gamma"],
             "betas": settings["betas"],
             "eps": settings["adam_eps"],
         }
-
-    def _setting_changed(self, name: str, value: Any) -> None:
-        if name in ("lr", "gamma", "eps"):
-            check_representable(name, value, self._state.logits.dtype)
-        self._settings[name] = value
-        if name == "eps":
-            self._state.refresh_offset(value)
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy (deepcopy for an EMA model, pickling) is not attached to the optimizer.

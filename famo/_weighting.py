@@ -254,14 +254,14 @@ class FAMOWeighting(StateModule):
         if skip is True or (self._attachment is not None and not self._state.recorded.stepped):
             self._state.recorded.clear()  # the step did not happen: nothing to learn from
             return
+        # No autograd context is needed: the values are detached and the state needs no grad.
         values, mask = self._values(batch, follow=False)
-        with torch.no_grad():
-            after = _functional.log_distance(values, mask, self._state.offset)
-            if self._validate:
-                self._check(batch, values, after, "new_losses", accumulate=False)
-            if skip_tensor is not None:
-                skip_tensor = skip_tensor.to(after.device)
-            self._state.learn(after, mask, skip_tensor, self._adam())
+        after = _functional.log_distance(values, mask, self._state.offset)
+        if self._validate:
+            self._check(batch, values, after, "new_losses", accumulate=False)
+        if skip_tensor is not None:
+            skip_tensor = skip_tensor.to(after.device)
+        self._state.learn(after, mask, skip_tensor, self._adam)
 
     def discard(self) -> None:
         """Forget the recorded losses without learning from them (the step did not happen).
@@ -332,19 +332,19 @@ class FAMOWeighting(StateModule):
         logits, offset = self._state.logits, self._state.offset
         if scratch:
             logits, offset, record = logits.to("meta"), offset.to("meta"), False
-        with torch.no_grad():
-            log_d = _functional.log_distance(values, mask, offset)
-            learn = record and self._ready_to_learn()
-            if self._validate:
-                accumulate = record and not learn and self._state.recorded.sum is not None
-                self._check(batch, values, log_d, "losses", accumulate=accumulate)
-            if learn:
-                self._state.learn(log_d, mask, None, self._adam())
-            if mask is not None:
-                logits = logits.masked_fill(~mask, -math.inf)
-            weights = _functional.loss_weights(logits, log_d)
-            if record:
-                self._state.record(values, log_d, mask)
+        # Detached values and a state without grad: the weights are constants for autograd.
+        log_d = _functional.log_distance(values, mask, offset)
+        learn = record and self._ready_to_learn()
+        if self._validate:
+            accumulate = record and not learn and self._state.recorded.sum is not None
+            self._check(batch, values, log_d, "losses", accumulate=accumulate)
+        if learn:
+            self._state.learn(log_d, mask, None, self._adam)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, -math.inf)
+        weights = _functional.loss_weights(logits, log_d)
+        if record:
+            self._state.record(values, log_d, mask)
         if batch.present is not None:
             weights = torch.stack([weights[task] for task in batch.present])  # no index tensor
         given = batch.values
