@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in turn, then the README's results section.
 
-python -m benchmarks.run_all             # full set, ~40 minutes on 2 CPU cores
+python -m benchmarks.run_all             # full set, about 95 CPU-minutes (~75 min on 2 cores)
 python -m benchmarks.run_all --smoke --out /tmp/famo-smoke
 """
 
