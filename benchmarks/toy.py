@@ -1,4 +1,4 @@
-"""The paper's two-task toy (``docs/design.md`` §7): does each method reach the Pareto front, and where?
+"""The paper's two-task toy (``docs/design.md`` §7): does each method reach the Pareto front?
 
 Five starts, Adam (lr 1e-3) on the point for 50,000 steps, with a summed loss and with FAMO
 (γ = 0 as in the paper, and γ = 1e-3, 1e-5). A run *reaches the front* when the min-norm convex
