@@ -118,9 +118,10 @@ def test_process_group_chooses_whose_losses_are_learned_from(ranks: list[dict[st
         # None (default) and an explicit group of all ranks: the mean over ranks, everywhere.
         torch.testing.assert_close(groups["default"], mean, rtol=1e-12, atol=1e-15)
         assert torch.equal(groups["world_group"], groups["default"])
-        # False and a group of one rank: this rank's own losses only.
-        assert torch.equal(groups["off"], own[rank])
-        assert torch.equal(groups["own_group"], own[rank])
+        # False and a group of one rank: this rank's own losses only. (Equal to rounding: the
+        # workers run one thread each, where the logits' Adam is torch's fused kernel.)
+        torch.testing.assert_close(groups["off"], own[rank], rtol=1e-12, atol=1e-15)
+        assert torch.equal(groups["own_group"], groups["off"])
     assert not torch.equal(own[0], own[1])
 
 
