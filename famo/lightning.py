@@ -18,8 +18,9 @@ every optimizer step, unless ``FAMOCallback(log_weights=False)``.
 
 The :class:`~famo.FAMOWeighting` is a submodule of the ``LightningModule``, so its whole state
 (logits, Adam moments, bounds, recorded losses; tensors only) is in the module's ``state_dict``
-and therefore in Lightning's own checkpoints; resuming with ``Trainer.fit(ckpt_path=...)`` restores it. The
-callback itself holds nothing between optimizer steps, so it has no state to checkpoint.
+and therefore in Lightning's own checkpoints; resuming with ``Trainer.fit(ckpt_path=...)``
+restores it. The callback itself holds nothing between optimizer steps, so it has no state to
+checkpoint.
 
 Uses ``pytorch_lightning`` if it is installed, otherwise ``lightning.pytorch``.
 """
