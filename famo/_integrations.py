@@ -8,7 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from famo._settings import check_flag
 from famo._weighting import FAMOWeighting
+
+
+def check_options(weighting: Any, log_weights: Any) -> None:
+    """The options every integration takes: the attribute naming FAMO, and logging on or off."""
+    if weighting is not None and not isinstance(weighting, str):
+        raise TypeError(f"`weighting` should be an attribute name or None. Found {weighting!r}.")
+    check_flag("log_weights", log_weights)
 
 
 def find_weighting(module: nn.Module, attribute: str | None, who: str) -> FAMOWeighting:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from famo._integrations import after_losses_of, find_weighting
+from famo._integrations import after_losses_of, check_options, find_weighting
 from famo._weighting import FAMOWeighting
 
 try:
@@ -119,12 +119,7 @@ class FAMOCallback(pl.Callback):
                 "`losses` should be the name of a LightningModule method or a callable "
                 f"(module, batch) -> losses. Found {losses!r}."
             )
-        if weighting is not None and not isinstance(weighting, str):
-            raise TypeError(
-                f"`weighting` should be an attribute name or None. Found {weighting!r}."
-            )
-        if not isinstance(log_weights, bool):
-            raise TypeError(f"`log_weights` should be True or False. Found {log_weights!r}.")
+        check_options(weighting, log_weights)
         self.losses = losses
         self.weighting = weighting
         self.log_weights = log_weights

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
-from famo._integrations import after_losses_of, find_weighting
+from famo._integrations import after_losses_of, check_options, find_weighting
 from famo._weighting import FAMOWeighting
 
 __all__ = ["FAMOTrainer"]
@@ -129,12 +129,7 @@ class FAMOTrainer(Trainer):
                 "`task_losses` should be None (the model returns outputs['task_losses']) or a "
                 f"callable (model, inputs) -> losses. Found {task_losses!r}."
             )
-        if weighting is not None and not isinstance(weighting, str):
-            raise TypeError(
-                f"`weighting` should be an attribute name or None. Found {weighting!r}."
-            )
-        if not isinstance(log_weights, bool):
-            raise TypeError(f"`log_weights` should be True or False. Found {log_weights!r}.")
+        check_options(weighting, log_weights)
         super().__init__(*args, **kwargs)
         self.task_losses = task_losses
         self.log_weights = log_weights
