@@ -8,11 +8,14 @@ to note that the losses recorded so far were followed by a real step.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from famo._state import Recorded
+from famo._steps import mark_stepped
+
+if TYPE_CHECKING:
+    from famo._weighting import FAMOWeighting
 
 
 def innermost(optimizer: Any) -> torch.optim.Optimizer:
@@ -41,17 +44,17 @@ class Attachment:
     a context manager that detaches on exit.
     """
 
-    def __init__(self, optimizer: Any, recorded: Recorded, on_remove: Any) -> None:
+    def __init__(self, optimizer: Any, famo: FAMOWeighting) -> None:
         def stepped(optimizer: Any, args: Any, kwargs: Any) -> None:
-            if recorded.sum is not None:
-                recorded.stepped = True
+            mark_stepped(famo)
 
         self._handle = innermost(optimizer).register_step_post_hook(stepped)
-        self._on_remove = on_remove
+        self._famo = famo
 
     def remove(self) -> None:
         self._handle.remove()
-        self._on_remove(self)
+        if self._famo._attachment is self:
+            self._famo._attachment = None
 
     def __enter__(self) -> Attachment:
         return self

@@ -1,45 +1,89 @@
-"""The checkpoint layout of :class:`~famo.FAMOWeighting`: tensors only, versioned, checked.
+r"""FAMOWeighting's state as registered buffers: the layout, written, checked, migrated, restored.
 
-Layout version 2 (``state_dict()`` under the object's prefix):
+Every entry of ``state_dict()`` is a registered buffer, the module contract that BatchNorm's
+running statistics follow, so every tool that finds a module's tensors by key finds FAMO's
+(``torch.distributed.checkpoint``, ``from_pretrained``, Accelerate's big-model loading,
+``torch.func.functional_call``). Layout version 3:
 
-==================== ============== ========================================================
-key                  dtype, shape   meaning
-==================== ============== ========================================================
-``logits``           float, (k,)    :math:`\\xi`
-``exp_avg``          float, (k,)    Adam's first moment
-``exp_avg_sq``       float, (k,)    Adam's second moment
-``steps``            float, (k,)    Adam's step count, per task
-``min_losses``       float, (k,)    the lower bounds :math:`b`
-``pending_sum``      float, (k,)    sum of the losses recorded since the last logit step
-``pending_count``    float, (k,)    how many were recorded, per task (0: nothing pending)
-``pending_stepped``  bool, ()       an attached optimizer stepped since they were recorded
-``task_names``       uint8, (n,)    the task names in UTF-8, separated by NUL (empty: a count)
-``format_version``   int64, ()      2
-==================== ============== ========================================================
+==================== ========== ====== ==========================================================
+key                  dtype      shape  meaning
+==================== ========== ====== ==========================================================
+``logits``           state      (k,)   :math:`\xi`
+``exp_avg``          state      (k,)   Adam's first moment
+``exp_avg_sq``       state      (k,)   Adam's second moment
+``adam_step``        float32    () (k) Adam's step count (per task with ``allow_missing_tasks``)
+``lower_bounds``     float64    (k,)   the bounds :math:`b`, exactly as given
+``window_sum``       state      (k,)   sum of the losses recorded since the last logit step
+``window_count``     state      (k,)   how many were recorded, per task (0: nothing pending)
+``window_stepped``   bool       ()     an attached optimizer stepped since they were recorded
+``warmup_count``     float32    ()     learning steps taken in warm-up
+``block_count``      float32    ()     learning steps in the current block (``update_every``)
+``block_sum``        state      (k,)   the block's sum of log-improvements, per task
+``block_tasks``      state      (k,)   the block's learning steps where each task was present
+``task_names_utf8``  uint8      (n,)   the task names in UTF-8, separated by NUL (empty: a count)
+``format_version``   int64      ()     3
+==================== ========== ====== ==========================================================
 
-Everything a tool may carry (``safetensors``, Accelerate, ``torch.load(weights_only=True)``)
-and nothing that depends on the constructor: hyper-parameters and flags are not saved. Layout 1
-(famo 0.1) held the same seven float tensors plus a dict ``_extra_state``; it still loads, and
-its hyper-parameters are ignored.
-
-:func:`read` checks a whole FAMO part before anything is copied, and sorts keys into torch's
-``missing_keys`` / ``unexpected_keys`` so that ``load_state_dict(strict=...)`` behaves as for any
-module.
+*state* is the module's dtype: float32, or float64 after ``.double()``; ``.half()`` and
+``.bfloat16()`` move the state but never lower its precision, and the bounds stay float64
+(float32 on MPS, which has no float64). Hyper-parameters belong to the constructor and are not
+saved. :func:`save` writes copies, so editing a ``state_dict()`` in place never reaches the live
+object. :func:`load` checks a whole FAMO part before any of it is taken, sorts keys into torch's
+``missing_keys``/``unexpected_keys`` (so ``strict`` behaves as for any module), and migrates
+layout 1 (famo 0.1: seven float tensors and ``_extra_state``) and layout 2 (famo 0.2: ``steps``,
+``min_losses``, ``pending_*``, no schedule).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Final
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final
 
 import torch
 from torch import Tensor
 
-#: Version of the checkpoint layout written by :meth:`FAMOWeighting.state_dict`.
-FORMAT_VERSION: Final = 2
+if TYPE_CHECKING:
+    from famo._weighting import FAMOWeighting
 
-FLOAT_KEYS: Final = (
+#: Version of the layout that :meth:`FAMOWeighting.state_dict` writes.
+FORMAT_VERSION: Final = 3
+
+STATE: Final = (
+    "logits",
+    "exp_avg",
+    "exp_avg_sq",
+    "window_sum",
+    "window_count",
+    "block_sum",
+    "block_tasks",
+)
+COUNTS: Final = ("adam_step", "warmup_count", "block_count")
+KEYS: Final = (
+    "logits",
+    "exp_avg",
+    "exp_avg_sq",
+    "adam_step",
+    "lower_bounds",
+    "window_sum",
+    "window_count",
+    "window_stepped",
+    "warmup_count",
+    "block_count",
+    "block_sum",
+    "block_tasks",
+    "task_names_utf8",
+    "format_version",
+)
+_V2_RENAMED: Final = {
+    "steps": "adam_step",
+    "min_losses": "lower_bounds",
+    "pending_sum": "window_sum",
+    "pending_count": "window_count",
+    "pending_stepped": "window_stepped",
+    "task_names": "task_names_utf8",
+}
+_V2_KEYS: Final = ("logits", "exp_avg", "exp_avg_sq", *_V2_RENAMED, "format_version")
+_V1_KEYS: Final = (
     "logits",
     "exp_avg",
     "exp_avg_sq",
@@ -47,14 +91,18 @@ FLOAT_KEYS: Final = (
     "min_losses",
     "pending_sum",
     "pending_count",
+    "_extra_state",
 )
-KEYS: Final = (*FLOAT_KEYS, "pending_stepped", "task_names", "format_version")
-_V1_KEYS: Final = (*FLOAT_KEYS, "_extra_state")
+_LOW_PRECISION: Final = (torch.float16, torch.bfloat16)
 
 
-def encode_task_names(names: tuple[str, ...] | None) -> Tensor:
+def bounds_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def encode_task_names(names: tuple[str, ...] | None, device: torch.device) -> Tensor:
     data = "\x00".join(names).encode() if names is not None else b""
-    return torch.tensor(list(data), dtype=torch.uint8)
+    return torch.tensor(list(data), dtype=torch.uint8, device=device)
 
 
 def _decode_task_names(encoded: Tensor) -> list[str] | None:
@@ -63,152 +111,272 @@ def _decode_task_names(encoded: Tensor) -> list[str] | None:
     return bytes(encoded.tolist()).decode().split("\x00")
 
 
-@dataclass(frozen=True)
-class Checked:
-    """A FAMO state that passed every check, in the object's dtype (float keys)."""
-
-    tensors: dict[str, Tensor]
-    stepped: bool
+# ---------------------------------------------------------------------------------- creating
 
 
-@dataclass(frozen=True)
-class Sorted:
-    """What :func:`read` found: the keys torch should report, and a state or an error."""
-
-    missing: list[str]
-    unexpected: list[str]
-    state: Checked | None
-    error: str | None
-
-
-def read(
-    ours: Mapping[str, Any],
+def initial(
+    num_tasks: int,
+    names: tuple[str, ...] | None,
+    bounds: Tensor,
     *,
-    names: tuple[str, ...] | None,
-    num_tasks: int,
-    allow_missing_tasks: bool,
+    per_task_steps: bool,
+    device: torch.device,
     dtype: torch.dtype,
-) -> Sorted:
-    """Sort and check the FAMO part of a state dict (keys without the prefix)."""
-    layout = _V1_KEYS if "_extra_state" in ours and "format_version" not in ours else KEYS
-    expected = list(layout)
-    unexpected = [key for key in ours if key not in layout]
-    present = [key for key in expected if key in ours]
-    missing = [key for key in expected if key not in ours]
-    if not present:
-        return Sorted(missing, unexpected, None, None)
+) -> dict[str, Tensor]:
+    """The buffers of a fresh object (layout 3), in the order of :data:`KEYS`."""
+
+    def zeros(*shape: int, dtype: torch.dtype = dtype) -> Tensor:
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    k = num_tasks
+    return {
+        "logits": zeros(k),
+        "exp_avg": zeros(k),
+        "exp_avg_sq": zeros(k),
+        "adam_step": zeros(k, dtype=torch.float32)
+        if per_task_steps
+        else zeros(dtype=torch.float32),
+        "lower_bounds": bounds.to(device, bounds_dtype(device), copy=True),
+        "window_sum": zeros(k),
+        "window_count": zeros(k),
+        "window_stepped": zeros(dtype=torch.bool),
+        "warmup_count": zeros(dtype=torch.float32),
+        "block_count": zeros(dtype=torch.float32),
+        "block_sum": zeros(k),
+        "block_tasks": zeros(k),
+        "task_names_utf8": encode_task_names(names, device),
+        "format_version": torch.tensor(FORMAT_VERSION, device=device),
+    }
+
+
+# ---------------------------------------------------------------------------------- writing
+
+
+def save(buffers: Mapping[str, Tensor], destination: Any, prefix: str, keep_vars: bool) -> None:
+    """Write the layout: copies (``keep_vars=True``: the buffers themselves, as torch does)."""
+    for key in KEYS:
+        tensor = buffers[key]
+        destination[prefix + key] = tensor if keep_vars else tensor.detach().clone()
+
+
+# ---------------------------------------------------------------------------------- moving
+
+
+def convert(buffers: Mapping[str, Tensor], fn: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """``.to()``, ``.double()``, ``to_empty()``, ``share_memory()``… applied to the buffers.
+
+    The device always follows ``fn``. The state's dtype follows a float32/float64 conversion
+    but not a 16-bit one; counts stay float32, bounds float64, and the others keep their dtype.
+    Converting float64 state to float32 is refused, changing nothing, where a value would
+    overflow.
+    """
+    converted = {}
+    for key, tensor in buffers.items():
+        new = fn(tensor)
+        if key in STATE:
+            dtype = new.dtype if new.dtype not in _LOW_PRECISION else tensor.dtype
+        elif key in COUNTS:
+            dtype = torch.float32
+        elif key == "lower_bounds":
+            dtype = bounds_dtype(new.device)
+        else:
+            dtype = tensor.dtype
+        if new.dtype != dtype:
+            new = (
+                torch.empty(tensor.shape, dtype=dtype, device=new.device)
+                if tensor.is_meta
+                else tensor.to(new.device, dtype)
+            )
+        converted[key] = new
+    old_dtype, new_dtype = buffers["logits"].dtype, converted["logits"].dtype
+    if new_dtype != old_dtype and new_dtype == torch.float32:
+        overflowed = [
+            key
+            for key in STATE
+            if not buffers[key].is_meta
+            and bool(torch.isfinite(buffers[key]).all())
+            and not bool(torch.isfinite(converted[key]).all())
+        ]
+        if overflowed:
+            names = ", ".join(f"`{key}`" for key in overflowed)
+            raise ValueError(
+                f"FAMO's state ({names}) holds values beyond the range of {new_dtype}, so the "
+                f"conversion was undone and the state stays {old_dtype}. Call `update` or "
+                f"`discard` first, or keep the state in {old_dtype}."
+            )
+    return converted
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def load(
+    famo: FAMOWeighting,
+    state_dict: Mapping[str, Any],
+    prefix: str,
+    assign: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """``_load_from_state_dict`` of :class:`~famo.FAMOWeighting`: check all, then take all."""
+    ours = {
+        key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)
+    }
+    layout: tuple[str, ...]
+    if "_extra_state" in ours and "format_version" not in ours:
+        layout = _V1_KEYS
+    elif any(key in ours for key in _V2_RENAMED if key != "task_names"):
+        layout = _V2_KEYS
+    else:
+        layout = KEYS
+    unexpected_keys.extend(prefix + key for key in ours if key not in layout)
+    missing = [key for key in layout if key not in ours]
+    if len(missing) == len(layout):
+        missing_keys.extend(prefix + key for key in missing)
+        return  # no FAMO state in this checkpoint: torch's strict rules decide
     if missing:
-        return Sorted(
-            missing,
-            unexpected,
-            None,
+        error_msgs.append(
             f"The checkpoint holds part of a FAMOWeighting state: {missing} are missing, so "
-            "none of it was loaded. Save the whole object's state_dict().",
+            "none of it was loaded. Save the whole object's state_dict()."
         )
+        return
     try:
-        checked = _check(ours, names, num_tasks, allow_missing_tasks, dtype)
+        tensors = _checked(famo, _migrated(ours, layout))
     except ValueError as error:
-        return Sorted([], unexpected, None, str(error))
-    return Sorted([], unexpected, checked, None)
+        error_msgs.append(str(error))
+        return
+    device = famo._buffers["logits"].device
+    for key, value in tensors.items():
+        famo._buffers[key] = value if assign else value.to(device, copy=True)
+    famo._state_replaced()
 
 
-def _check(
-    ours: Mapping[str, Any],
-    names: tuple[str, ...] | None,
-    num_tasks: int,
-    allow_missing_tasks: bool,
-    dtype: torch.dtype,
-) -> Checked:
-    mine: list[str] | int = list(names) if names is not None else num_tasks
-    if "_extra_state" in ours:
+def _migrated(ours: Mapping[str, Any], layout: tuple[str, ...]) -> dict[str, Any]:
+    """Layouts 1 and 2 in layout 3's keys (the schedule of an older checkpoint is empty)."""
+    if layout == KEYS:
+        return dict(ours)
+    migrated = {_V2_RENAMED.get(key, key): value for key, value in ours.items()}
+    if layout == _V1_KEYS:
         extra = ours["_extra_state"]
         if not isinstance(extra, Mapping) or extra.get("format_version") != 1:
+            raise_type = type(extra).__name__
             raise ValueError(
                 "The checkpoint's `_extra_state` should be famo 0.1's metadata (a dict with "
-                f"format_version 1). Found {type(extra).__name__}."
+                f"format_version 1). Found {raise_type}."
             )
-        theirs = extra.get("tasks")
-        stepped = False
-    else:
-        version = _integer_scalar(ours["format_version"], "format_version")
-        if not 2 <= version <= FORMAT_VERSION:
-            raise ValueError(
-                f"The checkpoint has FAMOWeighting format version {version}; this famo reads "
-                f"versions 1 to {FORMAT_VERSION}. Upgrade famo to load it."
-            )
-        encoded = ours["task_names"]
-        if not isinstance(encoded, Tensor) or encoded.dtype != torch.uint8 or encoded.dim() != 1:
-            raise ValueError("The checkpoint's `task_names` should be a 1-D uint8 tensor.")
-        decoded = _decode_task_names(encoded)
-        theirs = decoded if decoded is not None else _length(ours["logits"])
-        stepped = _bool_scalar(ours["pending_stepped"])
+        tasks = extra.get("tasks")
+        logits = ours["logits"]
+        names = tasks if isinstance(tasks, list) else None
+        if not isinstance(tasks, list) and tasks != _length(logits):
+            names = ["?"]  # a count that does not match: refused by the task check
+        migrated["task_names_utf8"] = encode_task_names(
+            tuple(names) if names else None, torch.device("cpu")
+        )
+        migrated["window_stepped"] = torch.tensor(False)
+        del migrated["_extra_state"]
+    logits = migrated["logits"]
+    like = logits.detach() if isinstance(logits, Tensor) else torch.zeros(0)
+    migrated["format_version"] = torch.tensor(FORMAT_VERSION)
+    for key in ("warmup_count", "block_count"):
+        migrated[key] = torch.zeros((), dtype=torch.float32)
+    for key in ("block_sum", "block_tasks"):
+        migrated[key] = torch.zeros_like(like)
+    return migrated
+
+
+def _checked(famo: FAMOWeighting, ours: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Every check of a layout-3 FAMO part; returns the tensors as the buffers will hold them."""
+    k = famo.num_tasks
+    dtype = famo._buffers["logits"].dtype
+    version = ours["format_version"]
+    if not (
+        isinstance(version, Tensor) and version.numel() == 1 and not version.is_floating_point()
+    ):
+        raise ValueError(
+            "The checkpoint's `format_version` should be a one-element integer tensor."
+        )
+    found_version = int(version.item())
+    if not 1 <= found_version <= FORMAT_VERSION:
+        raise ValueError(
+            f"The checkpoint has FAMOWeighting format version {found_version}; this famo reads "
+            f"versions 1 to {FORMAT_VERSION}. Upgrade famo to load it."
+        )
+    encoded = ours["task_names_utf8"]
+    if not isinstance(encoded, Tensor) or encoded.dtype != torch.uint8 or encoded.dim() != 1:
+        raise ValueError("The checkpoint's `task_names_utf8` should be a 1-D uint8 tensor.")
+    decoded = _decode_task_names(encoded.cpu())
+    theirs = decoded if decoded is not None else _length(ours["logits"])
+    mine: list[str] | int = list(famo.task_names) if famo.task_names is not None else k
     if theirs != mine:
         raise ValueError(
             f"The checkpoint is for tasks {theirs!r}, but this FAMOWeighting has tasks {mine!r}. "
             "Create it with the same tasks (names and order) to load it."
         )
-    tensors = {}
-    for key in FLOAT_KEYS:
+    tensors: dict[str, Tensor] = {}
+    for key in (*STATE, *COUNTS, "lower_bounds"):
         value = ours[key]
-        if (
-            not isinstance(value, Tensor)
-            or not value.is_floating_point()
-            or value.shape != (num_tasks,)
-        ):
+        scalar = key in ("warmup_count", "block_count")
+        shapes = [()] if scalar else [(k,), ()] if key == "adam_step" else [(k,)]
+        if not (isinstance(value, Tensor) and value.is_floating_point() and value.shape in shapes):
             found = (
                 f"{value.dtype} of shape {tuple(value.shape)}"
                 if isinstance(value, Tensor)
                 else type(value).__name__
             )
+            wanted = " or ".join(str(shape).replace(",)", ",)") for shape in shapes)
             raise ValueError(
-                f"The checkpoint's `{key}` should be a floating-point tensor of shape "
-                f"({num_tasks},). Found {found}."
+                f"The checkpoint's `{key}` should be a floating-point tensor of shape {wanted}. "
+                f"Found {found}."
             )
-        converted = value.detach().to(dtype)  # a float64 checkpoint may not fit float32 state
+        target = torch.float32 if key in COUNTS else dtype
+        if key == "lower_bounds":
+            target = bounds_dtype(famo._buffers["logits"].device)
+        converted = value.detach().to(target)  # a float64 checkpoint may not fit float32 state
         if not bool(torch.isfinite(converted).all()):
-            raise ValueError(f"The checkpoint's `{key}` should be finite in {dtype}. It is not.")
+            raise ValueError(f"The checkpoint's `{key}` should be finite in {target}. It is not.")
         tensors[key] = converted
     if bool((tensors["exp_avg_sq"] < 0).any()):
         raise ValueError("The checkpoint's `exp_avg_sq` should be ≥ 0. It is not.")
-    for key in ("steps", "pending_count"):
+    for key in ("adam_step", "window_count", "warmup_count", "block_count", "block_tasks"):
         value = tensors[key]
         if bool((value < 0).any()) or not torch.equal(value, value.round()):
             raise ValueError(
                 f"The checkpoint's `{key}` should hold whole numbers ≥ 0. It does not."
             )
-    counts = tensors["pending_count"]
-    if bool(((counts == 0) & (tensors["pending_sum"] != 0)).any()):
-        raise ValueError(
-            "The checkpoint's `pending_sum` should be 0 where `pending_count` is 0: it was not "
-            "written by FAMOWeighting."
-        )
-    if not allow_missing_tasks:
-        for key in ("steps", "pending_count"):
-            if bool((tensors[key] != tensors[key][0]).any()):
+    for total, count in (("window_sum", "window_count"), ("block_sum", "block_tasks")):
+        if bool(((tensors[count] == 0) & (tensors[total] != 0)).any()):
+            raise ValueError(
+                f"The checkpoint's `{total}` should be 0 where `{count}` is 0: it was not "
+                "written by FAMOWeighting."
+            )
+    per_task = famo.allow_missing_tasks
+    steps = tensors["adam_step"]
+    if not per_task:
+        for key in ("adam_step", "window_count", "block_tasks"):
+            value = tensors[key]
+            if value.dim() == 1 and bool((value != value[0]).any()):
                 raise ValueError(
                     f"The checkpoint's `{key}` differ between tasks, which only happens with "
                     "tasks missing from some batches. Create FAMOWeighting(..., "
                     "allow_missing_tasks=True) to load it."
                 )
-    if stepped and not bool((counts > 0).any()):
+        tensors["adam_step"] = steps[0].clone() if steps.dim() == 1 else steps
+    elif steps.dim() == 0:
+        tensors["adam_step"] = steps.expand(k).clone()
+    stepped = ours["window_stepped"]
+    if not (isinstance(stepped, Tensor) and stepped.numel() == 1 and stepped.dtype == torch.bool):
+        raise ValueError("The checkpoint's `window_stepped` should be a one-element bool tensor.")
+    if bool(stepped) and not bool((tensors["window_count"] > 0).any()):
         raise ValueError(
-            "The checkpoint's `pending_stepped` is set with no losses pending: it was not "
+            "The checkpoint's `window_stepped` is set with no losses pending: it was not "
             "written by FAMOWeighting."
         )
-    return Checked(tensors, stepped)
+    tensors["window_stepped"] = stepped.detach().reshape(()).clone()
+    tensors["task_names_utf8"] = encode_task_names(famo.task_names, torch.device("cpu"))
+    tensors["format_version"] = torch.tensor(FORMAT_VERSION)
+    return tensors
 
 
 def _length(value: Any) -> int | None:
     return int(value.shape[0]) if isinstance(value, Tensor) and value.dim() == 1 else None
-
-
-def _integer_scalar(value: Any, key: str) -> int:
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
-        return int(value.item())
-    raise ValueError(f"The checkpoint's `{key}` should be a one-element integer tensor.")
-
-
-def _bool_scalar(value: Any) -> bool:
-    if isinstance(value, Tensor) and value.numel() == 1 and value.dtype == torch.bool:
-        return bool(value.item())
-    raise ValueError("The checkpoint's `pending_stepped` should be a one-element bool tensor.")

@@ -1,13 +1,23 @@
-"""What the optional integrations (Lightning, Hugging Face) share."""
+"""What the trainer integrations (Lightning, Hugging Face) share: one pattern.
+
+Each integration owns a :class:`StepWindow`: the optimizer it attached FAMO to (the handle) and
+the batches of the optimizer step in progress. FAMO is attached in both modes, so its logits
+learn only on optimizer steps that really happened (a ``GradScaler`` skip, a step a trainer
+chose not to take): with ``extra_forward=False`` the next ``loss`` learns; with
+``extra_forward=True`` the integration recomputes the step's batches and calls ``update``, which
+drops the recorded losses when no real step followed them. Only public famo API is used.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from famo._attach import Attachment
 from famo._settings import check_flag
 from famo._weighting import FAMOWeighting
 
@@ -43,11 +53,48 @@ def find_weighting(module: nn.Module, attribute: str | None, who: str) -> FAMOWe
     return candidates[0]
 
 
+class StepWindow:
+    """The attachment of an integration's FAMOWeighting, and the batches of the current step."""
+
+    def __init__(self) -> None:
+        self.batches: list[Any] = []
+        self._handle: Attachment | None = None
+
+    def start(self, famo: FAMOWeighting, optimizer: Any) -> None:
+        """Training starts: attach to the optimizer, with nothing in the window."""
+        self.stop()
+        self.batches = []
+        self._handle = famo.attach(optimizer)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def add(self, batch: Any) -> None:
+        """A batch whose losses FAMO recorded for this step."""
+        self.batches.append(batch)
+
+    def learn(
+        self,
+        famo: FAMOWeighting,
+        task_losses: Callable[[Any], Any],
+        context: Callable[[], AbstractContextManager[Any]],
+    ) -> None:
+        """After an optimizer step: with ``extra_forward=True``, recompute the step's batches
+        without grad (inside ``context``, the trainer's precision) and call ``update``."""
+        batches, self.batches = self.batches, []
+        if not famo.extra_forward or not batches or not famo.pending:
+            return  # learns at the next `loss`; or nothing was recorded
+        with torch.no_grad(), context():
+            rows = [task_losses(batch) for batch in batches]
+        famo.update(after_losses_of(rows))
+
+
 def after_losses_of(rows: list[Any]) -> Any:
     """One step's after-losses from the losses of each of its micro-batches (for ``update``).
 
-    The integrations recompute every micro-batch of an accumulation window after the optimizer
-    step; ``update`` averages what this returns (the rows of a tensor, the values of a name).
+    ``update`` averages what this returns (the rows of a tensor, the values of a name).
     """
     if len(rows) == 1:
         return rows[0]

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from famo._distributed import all_reduce_sum_, world_size
-
-if TYPE_CHECKING:
-    from famo._state import State
+from famo._distributed import all_reduce_sum_
 
 
 class LossVector(NamedTuple):
@@ -40,12 +37,33 @@ def read_losses(
     allow_rows: bool,
     allow_numbers: bool,
 ) -> LossVector:
-    """Check the structure (type, count, names, dtype, device) of ``losses``; no host sync."""
+    """Check the structure (type, count, names, dtype, device) of ``losses``; no host sync.
+
+    The common forms take a fast path whose Python work does not grow with k: a 1-D tensor
+    as it is, and a sequence or mapping of scalar tensors through one ``torch.stack`` (no
+    per-task node in the autograd graph). Anything else, or anything that fails there, goes
+    through the item-by-item reading that names what is wrong.
+    """
     k = num_tasks
     if isinstance(losses, Tensor):
+        if losses.dim() == 1 and losses.shape[0] == k and losses.is_floating_point():
+            return LossVector(losses, None)
         return LossVector(_read_tensor(losses, param, k, allow_rows), None)
     if isinstance(losses, Mapping):
+        if names is not None and len(losses) == k:
+            try:
+                items = [losses[name] for name in names]
+            except KeyError:
+                pass
+            else:
+                stacked = _stack_fast(items)
+                if stacked is not None:
+                    return LossVector(stacked, None)
         return _read_mapping(losses, param, names, allow_missing, allow_numbers)
+    if isinstance(losses, (list, tuple)) and len(losses) == k:
+        stacked = _stack_fast(losses)
+        if stacked is not None:
+            return LossVector(stacked, None)
     if isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
         if len(losses) != k:
             raise ValueError(
@@ -56,6 +74,17 @@ def read_losses(
         f"`{param}` should be a 1-D tensor of losses, a sequence of scalar tensors or a mapping "
         f"from task name to scalar tensor. Found {type(losses).__name__}."
     )
+
+
+def _stack_fast(items: Sequence[Any]) -> Tensor | None:
+    """One ``torch.stack`` of scalar floating tensors of one dtype and device, else None."""
+    try:
+        stacked = torch.stack(items)  # type: ignore[arg-type]
+    except (TypeError, RuntimeError):
+        return None
+    if stacked.dim() != 1 or not stacked.is_floating_point() or stacked.dtype != items[0].dtype:
+        return None  # items of another shape or of mixed dtypes: read one by one
+    return stacked
 
 
 def _read_tensor(losses: Tensor, param: str, k: int, allow_rows: bool) -> Tensor:
@@ -165,18 +194,19 @@ def average_over_ranks(
     values: Tensor,
     present: tuple[int, ...] | None,
     group: Any,
+    size: int,
     *,
     num_tasks: int,
     masked: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """The values averaged over the ranks of ``group`` (None: one process), as a (k,) vector.
+    """The values averaged over the ``size`` ranks of ``group`` (None: one process), as (k,).
 
     ``masked`` (tasks may be missing): each task's mean is over the ranks that have it, and the
     mask of the tasks present on some rank comes back too (the vector holds 0 for the others).
     """
     if not masked:
         if group is not None:
-            values = all_reduce_sum_(values.clone(), group).div_(world_size(group))
+            values = all_reduce_sum_(values.clone(), group).div_(size)
         return values, None
     packed = values.new_zeros(2, num_tasks)
     if present is None:
@@ -197,25 +227,25 @@ def check_values(
     batch: LossVector,
     values: Tensor,
     log_d: Tensor,
-    state: State,
     *,
+    offset: Tensor,
+    bounds: Tensor,
+    recorded: Tensor | None,
     param: str,
     eps: float,
     names: tuple[str, ...] | None,
-    accumulate: bool,
     across_ranks: bool,
 ) -> None:
     """Raise a clear ValueError for a loss FAMO's math cannot use (one host sync).
 
     ``values`` are the (averaged) values in the state's dtype and ``log_d`` their log-distance;
-    ``accumulate``: they will be added to the recorded sum, which must stay finite.
+    ``recorded``: the window's sum, when ``values`` will be added to it (it must stay finite).
     """
     if values.device.type == "meta":
         raise ValueError(
             f"`{param}` are on the meta device, which holds no values to check. Create "
             "FAMOWeighting(..., validate=False) to run on meta tensors."
         )
-    recorded = state.recorded.sum if accumulate else None
     good = torch.isfinite(log_d).all()
     if recorded is not None:
         good &= torch.isfinite(recorded + values).all()
@@ -225,8 +255,8 @@ def check_values(
     message = describe_bad_values(
         values[index] if across_ranks else batch.values.detach(),
         values[index],
-        state.offset[index],
-        state.min_losses[index],
+        offset[index],
+        bounds[index],
         eps,
         None if recorded is None else recorded[index],
         batch.present,

@@ -1,28 +1,37 @@
-"""FAMO's hyper-parameters, once: their defaults, their checks, and how ``repr`` shows them.
+"""FAMOWeighting's options, each declared once: its default, its check and its description.
 
-The constructor, the attribute setters and ``repr`` all go through :data:`HYPERPARAMETERS`, so
-a value is checked the same way however it arrives (``FAMOWeighting(lr=...)`` or
-``famo.lr = ...``), and a checkpoint never carries them: they belong to the constructor, as for
-every ``torch.nn.Module``.
+The constructor's defaults, its ``:param`` documentation, the checks (at construction and on
+assignment), which options may be assigned later, and ``repr`` all read :data:`OPTIONS`. Adding
+an option is one record here and one keyword argument in the constructor's signature, whose
+default reads the record.
 """
 
 from __future__ import annotations
 
 import math
+import operator
+import textwrap
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar, overload
 
 import torch
+
+from famo._distributed import is_process_group
+
+T = TypeVar("T")
 
 #: Named values of ``gamma``: the paper's Algorithm 2 (also LibMTL and TorchJD) and the class
 #: default of the official code (its run scripts pass 1e-3).
 GAMMA_PRESETS: Final[Mapping[str, float]] = {"paper": 1e-3, "official": 1e-5}
 
 
+# ---------------------------------------------------------------------------------- the checks
+
+
 def _number(name: str, value: Any) -> float:
-    """A real number as a Python float (numpy scalars and 0-dim tensors included)."""
+    """A real number as a Python float (numpy scalars and one-element tensors included)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         tensor = isinstance(value, torch.Tensor) and value.numel() == 1
         if tensor or (type(value).__module__ == "numpy" and hasattr(value, "item")):
@@ -32,15 +41,15 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
-def non_negative(name: str, value: Any) -> float:
+def _non_negative(name: str, value: Any, num_tasks: int) -> float:
     number = _number(name, value)
     if not math.isfinite(number) or number < 0:
         raise ValueError(f"`{name}` should be a finite number ≥ 0. Found `{name} = {value}`.")
     return number
 
 
-def _positive(name: str, value: Any) -> float:
-    number = non_negative(name, value)
+def _positive(name: str, value: Any, num_tasks: int) -> float:
+    number = _non_negative(name, value, num_tasks)
     if number == 0.0:
         raise ValueError(
             f"`{name}` should be > 0: with 0, a step whose gradient is zero divides 0 by 0 and "
@@ -49,7 +58,7 @@ def _positive(name: str, value: Any) -> float:
     return number
 
 
-def _gamma(name: str, value: Any) -> float:
+def _gamma(name: str, value: Any, num_tasks: int) -> float:
     if isinstance(value, str):
         if value not in GAMMA_PRESETS:
             raise ValueError(
@@ -57,77 +66,99 @@ def _gamma(name: str, value: Any) -> float:
                 f"Found {value!r}."
             )
         return GAMMA_PRESETS[value]
-    return non_negative(name, value)
+    return _non_negative(name, value, num_tasks)
 
 
-def _betas(name: str, value: Any) -> tuple[float, float]:
+def _betas(name: str, value: Any, num_tasks: int) -> tuple[float, float]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
         raise TypeError(f"`betas` should be a pair (beta1, beta2). Found {value!r}.")
-    beta1, beta2 = (non_negative(name, beta) for beta in value)
+    beta1, beta2 = (_non_negative(name, beta, num_tasks) for beta in value)
     if beta1 >= 1.0 or beta2 >= 1.0:
         raise ValueError(f"`betas` should each be in [0, 1). Found {tuple(value)}.")
     return beta1, beta2
 
 
-@dataclass(frozen=True)
-class Hyperparameter:
-    name: str
-    default: Any
-    check: Callable[[str, Any], Any]
+def _count(minimum: int) -> Callable[[str, Any, int], int]:
+    def check(name: str, value: Any, num_tasks: int) -> int:
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            value = operator.index(value)  # ints, numpy ints; never a float, however whole
+        except TypeError:
+            raise TypeError(f"`{name}` should be an int ≥ {minimum}. Found {value!r}.") from None
+        if value < minimum:
+            raise ValueError(f"`{name}` should be an int ≥ {minimum}. Found `{name} = {value}`.")
+        return int(value)
+
+    return check
 
 
-#: Every hyper-parameter, in the order of the constructor and of ``repr``.
-HYPERPARAMETERS: Final = (
-    Hyperparameter("lr", 0.025, non_negative),
-    Hyperparameter("gamma", 1e-3, _gamma),
-    Hyperparameter("eps", 1e-8, non_negative),
-    Hyperparameter("betas", (0.9, 0.999), _betas),
-    Hyperparameter("adam_eps", 1e-8, _positive),
-)
-BY_NAME: Final = {h.name: h for h in HYPERPARAMETERS}
-
-
-def check(name: str, value: Any) -> Any:
-    """The checked value of hyper-parameter ``name`` (a float, or a pair for ``betas``)."""
-    return BY_NAME[name].check(name, value)
-
-
-def describe(values: Mapping[str, Any]) -> list[str]:
-    """``name=value`` for ``repr``: always ``lr``, ``gamma``, ``eps``; the others when changed."""
-    shown = []
-    for h in HYPERPARAMETERS:
-        value = values[h.name]
-        if h.name in ("lr", "gamma", "eps") or value != h.default:
-            shown.append(f"{h.name}={value}")
-    return shown
-
-
-class Setting:
-    """A hyper-parameter attribute: reads the object's value, checks every assignment.
-
-    Assigning calls the owner's ``_setting_changed(name, value)`` with the checked value, which
-    stores it (and refreshes what is derived from it, such as the offset ``eps - min_losses``).
-    """
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, instance: Any, owner: type) -> Any:
-        if instance is None:
-            return self
-        return instance.__dict__["_settings"][self.name]
-
-    def __set__(self, instance: Any, value: Any) -> None:
-        instance._setting_changed(self.name, check(self.name, value))
-
-
-# ---------------------------------------------------------------------- other constructor checks
-
-
-def check_flag(name: str, value: Any) -> bool:
+def _flag(name: str, value: Any, num_tasks: int) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` should be True or False. Found {value!r}.")
     return value
+
+
+def check_flag(name: str, value: Any) -> bool:
+    return _flag(name, value, 0)
+
+
+def _process_group(name: str, value: Any, num_tasks: int) -> Any:
+    if value is None or value is False or is_process_group(value):
+        return value
+    raise TypeError(
+        "`process_group` should be None (the default group when one is initialised), False (no "
+        f"communication) or a torch.distributed ProcessGroup. Found {value!r}."
+    )
+
+
+def check_min_losses(name: str, min_losses: Any, num_tasks: int) -> torch.Tensor:
+    """The bounds as a float64 CPU tensor of shape (k,), exactly as given (None: zeros)."""
+    # On the CPU whatever the default device (`with torch.device("meta"):` included): kept there
+    # in float64, so that `reset_parameters` can restore them exactly.
+    if min_losses is None:
+        return torch.zeros(num_tasks, dtype=torch.float64, device="cpu")
+    if isinstance(min_losses, bool):
+        raise TypeError(f"`min_losses` should be numbers. Found {min_losses!r}.")
+    if isinstance(min_losses, (int, float)):
+        bounds = torch.full((num_tasks,), float(min_losses), dtype=torch.float64, device="cpu")
+    else:
+        if isinstance(min_losses, torch.Tensor):
+            min_losses = min_losses.detach()  # a bound is a constant, never part of a graph
+            if min_losses.device.type == "meta":
+                raise ValueError("`min_losses` should hold values. Found a tensor on meta.")
+        try:
+            bounds = torch.as_tensor(min_losses, dtype=torch.float64, device="cpu")
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"`min_losses` should be a number, a sequence or a tensor of {num_tasks} "
+                f"numbers. Found {min_losses!r}."
+            ) from error
+        if bounds.dim() == 0:
+            bounds = bounds.expand(num_tasks)
+        if bounds.shape != (num_tasks,):
+            found = f"{bounds.shape[0]}" if bounds.dim() == 1 else f"shape {tuple(bounds.shape)}"
+            raise ValueError(
+                f"`min_losses` should have {num_tasks} entries, one per task. Found {found}."
+            )
+    if not torch.isfinite(bounds).all():
+        raise ValueError(f"`min_losses` should be finite. Found {bounds.tolist()}.")
+    return bounds.clone()
+
+
+def _device(name: str, value: Any, num_tasks: int) -> torch.device:
+    return torch.empty(0, device=value).device  # honours `with torch.device(...)` for None
+
+
+def _dtype(name: str, value: Any, num_tasks: int) -> torch.dtype:
+    if value is None:
+        return torch.float32
+    if value not in (torch.float32, torch.float64):
+        raise TypeError(
+            "`dtype` should be torch.float32 or torch.float64 (FAMO's own math never runs in 16 "
+            f"bits; losses of any floating dtype are promoted). Found {value}."
+        )
+    return value  # type: ignore[no-any-return]
 
 
 def check_tasks(tasks: Any) -> tuple[str, ...] | None:
@@ -157,51 +188,6 @@ def check_tasks(tasks: Any) -> tuple[str, ...] | None:
     return names
 
 
-def check_dtype(dtype: Any) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if dtype not in (torch.float32, torch.float64):
-        raise TypeError(
-            "`dtype` should be torch.float32 or torch.float64 (FAMO's own math never runs in 16 "
-            f"bits; losses of any floating dtype are promoted). Found {dtype}."
-        )
-    return dtype  # type: ignore[no-any-return]
-
-
-def check_min_losses(min_losses: Any, num_tasks: int) -> torch.Tensor:
-    """The bounds as a float64 CPU tensor of shape (k,), exactly as given."""
-    # On the CPU whatever the default device (`with torch.device("meta"):` included): they are
-    # kept there in float64, so that `reset_parameters` and `.double()` can restore them exactly.
-    if min_losses is None:
-        return torch.zeros(num_tasks, dtype=torch.float64, device="cpu")
-    if isinstance(min_losses, bool):
-        raise TypeError(f"`min_losses` should be numbers. Found {min_losses!r}.")
-    if isinstance(min_losses, (int, float)):
-        bounds = torch.full((num_tasks,), float(min_losses), dtype=torch.float64, device="cpu")
-    else:
-        if isinstance(min_losses, torch.Tensor):
-            min_losses = min_losses.detach()  # a bound is a constant, never part of a graph
-            if min_losses.device.type == "meta":
-                raise ValueError("`min_losses` should hold values. Found a tensor on meta.")
-        try:
-            bounds = torch.as_tensor(min_losses, dtype=torch.float64, device="cpu")
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise TypeError(
-                f"`min_losses` should be a number, a sequence or a tensor of {num_tasks} "
-                f"numbers. Found {min_losses!r}."
-            ) from error
-        if bounds.dim() == 0:
-            bounds = bounds.expand(num_tasks).clone()
-        if bounds.shape != (num_tasks,):
-            found = f"{bounds.shape[0]}" if bounds.dim() == 1 else f"shape {tuple(bounds.shape)}"
-            raise ValueError(
-                f"`min_losses` should have {num_tasks} entries, one per task. Found {found}."
-            )
-    if not torch.isfinite(bounds).all():
-        raise ValueError(f"`min_losses` should be finite. Found {bounds.tolist()}.")
-    return bounds.clone()
-
-
 def check_representable(name: str, value: float, dtype: torch.dtype) -> None:
     if value > torch.finfo(dtype).max:
         raise ValueError(
@@ -217,3 +203,221 @@ def check_skip(skip: Any) -> torch.Tensor | None:
     if isinstance(skip, torch.Tensor) and skip.numel() == 1 and skip.dtype == torch.bool:
         return skip.reshape(())
     raise TypeError(f"`skip` should be a bool or a one-element bool tensor. Found {skip!r}.")
+
+
+# ---------------------------------------------------------------------------------- the records
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of :class:`~famo.FAMOWeighting`.
+
+    ``check(name, value, num_tasks)`` returns the value as stored (or raises); ``assignable``:
+    ``famo.<name> = value`` is allowed later (checked the same way); ``shown``: ``repr`` shows
+    it ``"always"``, when ``"changed"`` from the default, or ``"never"``; ``stored``: kept as a
+    setting (``device``, ``dtype`` and ``min_losses`` become state instead).
+    """
+
+    name: str
+    default: Any
+    check: Callable[[str, Any, int], Any]
+    doc: str
+    assignable: bool = False
+    shown: str = "changed"
+    stored: bool = True
+
+
+OPTIONS: Final = (
+    Option(
+        "lr",
+        0.025,
+        _non_negative,
+        "learning rate of the logits' Adam, ≥ 0. Default 0.025 (the paper and the official code).",
+        assignable=True,
+        shown="always",
+    ),
+    Option(
+        "gamma",
+        1e-3,
+        _gamma,
+        'weight decay on the logits (coupled, as in ``torch.optim.Adam``), ≥ 0, or ``"paper"`` '
+        '(1e-3, the default: the paper\'s Algorithm 2, LibMTL and TorchJD) or ``"official"`` '
+        "(1e-5, the official code's class default). One update moves a logit by at most about "
+        "7.3 ``lr`` (Adam's bound for the default betas), so the logits stay finite; with 0 "
+        "nothing pulls them back, and a task whose weight collapsed can stay collapsed long "
+        "after its loss stops improving.",
+        assignable=True,
+        shown="always",
+    ),
+    Option(
+        "min_losses",
+        None,
+        check_min_losses,
+        "lower bounds :math:`b`: ``None`` (zeros), one number for all tasks, or k finite "
+        "numbers (sequence or tensor), kept exactly (float64). A loss is usable while "
+        ":math:`\\ell - b + \\epsilon > 0`. Assignable (``famo.min_losses = b``) while no "
+        "losses are waiting for a logit step.",
+        stored=False,
+    ),
+    Option(
+        "eps",
+        1e-8,
+        _non_negative,
+        ":math:`\\epsilon` inside the logarithm, ≥ 0. Default 1e-8 (the official code).",
+        assignable=True,
+        shown="always",
+    ),
+    Option(
+        "betas",
+        (0.9, 0.999),
+        _betas,
+        "Adam's ``(beta1, beta2)``, each in [0, 1). Default ``(0.9, 0.999)``.",
+        assignable=True,
+    ),
+    Option(
+        "adam_eps",
+        1e-8,
+        _positive,
+        "Adam's epsilon, > 0. Default 1e-8 (``torch.optim.Adam``).",
+        assignable=True,
+    ),
+    Option(
+        "warmup_steps",
+        0,
+        _count(0),
+        "the first ``warmup_steps`` learning steps (see :meth:`update`) only consume the "
+        "recorded losses, as :meth:`discard` would: the weights stay uniform (or as loaded) "
+        "while the model's early, fast-changing losses settle. Default 0.",
+    ),
+    Option(
+        "update_every",
+        1,
+        _count(1),
+        "after warm-up, one Adam step on the logits per ``update_every`` learning steps, from "
+        "the mean log-improvement of the block (per task, over the steps where it was "
+        "present). Default 1 (every step, as published).",
+    ),
+    Option(
+        "validate",
+        True,
+        _flag,
+        "check every loss value (finite, :math:`\\ell - b + \\epsilon > 0`) before using it. "
+        "The check costs one host synchronisation per call; ``False`` removes it (GPU, "
+        "``torch.compile``), and a bad value then gives NaN weights instead of an error.",
+        assignable=True,
+    ),
+    Option(
+        "extra_forward",
+        True,
+        _flag,
+        "``True`` (the published recipe): :meth:`update` receives the losses recomputed on the "
+        "same batch after the optimizer step. ``False``: no extra forward pass; a :meth:`loss` "
+        "call that follows an optimizer step first takes the logit step, using its own losses "
+        'as the "after" losses of the previous step (:math:`\\ell(\\theta_{t+1}; B_{t+1})` '
+        "stands in for :math:`\\ell(\\theta_{t+1}; B_t)`, so batch-to-batch noise enters "
+        ":math:`\\delta`). Unattached, every recording :meth:`loss` call ends a step; after "
+        ":meth:`attach`, the optimizer's real steps do.",
+    ),
+    Option(
+        "allow_missing_tasks",
+        False,
+        _flag,
+        "let a mapping of losses leave tasks out. The present tasks are weighted among "
+        "themselves; the logit step uses only the tasks present both before and after, and "
+        "the other tasks' logits, Adam moments and step counts do not move.",
+    ),
+    Option(
+        "process_group",
+        None,
+        _process_group,
+        "under ``torch.distributed``, the group whose ranks average their loss values, so that "
+        "every rank holds the same state and raises the same errors. ``None``: the default "
+        "group whenever one is initialised; ``False``: never communicate (one state per rank; "
+        "inside ``DistributedDataParallel`` this needs ``broadcast_buffers=False``).",
+        shown="never",
+    ),
+    Option(
+        "device",
+        None,
+        _device,
+        "device of the state (it also follows the losses' device on the first recording call).",
+        shown="never",
+        stored=False,
+    ),
+    Option(
+        "dtype",
+        None,
+        _dtype,
+        "``torch.float32`` (default) or ``torch.float64``; losses of any floating dtype are "
+        "promoted to it.",
+        shown="never",
+        stored=False,
+    ),
+)
+BY_NAME: Final = {option.name: option for option in OPTIONS}
+DEFAULTS: Final = {option.name: option.default for option in OPTIONS}
+
+
+def check_options(given: Mapping[str, Any], num_tasks: int) -> dict[str, Any]:
+    """Every option checked, in declaration order; raises on the first bad one."""
+    return {
+        option.name: option.check(option.name, given[option.name], num_tasks) for option in OPTIONS
+    }
+
+
+def describe(settings: Mapping[str, Any]) -> list[str]:
+    """``name=value`` for ``repr``, for the stored options :data:`OPTIONS` says to show."""
+    return [
+        f"{option.name}={settings[option.name]!r}"
+        for option in OPTIONS
+        if option.stored
+        and option.shown != "never"
+        and (option.shown == "always" or settings[option.name] != option.default)
+    ]
+
+
+def param_docs(width: int = 96) -> str:
+    """The ``:param`` entries of every option, for the constructor's docstring."""
+    entries = []
+    for option in OPTIONS:
+        entries.append(
+            textwrap.fill(
+                f":param {option.name}: {option.doc}",
+                width=width,
+                subsequent_indent="    ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+        )
+    return "\n".join(entries)
+
+
+class Setting(Generic[T]):
+    """An option as an attribute: reads the stored value; an assignment is checked first.
+
+    Assigning calls the owner's ``_setting_changed(name, value)`` with the checked value.
+    Options that are not ``assignable`` are read-only.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.option = BY_NAME[name]
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> Setting[T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type) -> T: ...
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        if instance is None:
+            return self
+        return instance.__dict__["_settings"][self.option.name]
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        option = self.option
+        if not option.assignable:
+            raise AttributeError(
+                f"`{option.name}` is fixed at construction and cannot be assigned. Create a new "
+                f"FAMOWeighting(..., {option.name}=...) and load this one's state_dict into it."
+            )
+        instance._setting_changed(option.name, option.check(option.name, value, 0))

@@ -5,13 +5,14 @@ Lightning calls ``backward`` and ``optimizer.step()`` itself, so FAMO enters in 
 * ``training_step`` returns ``self.famo.loss(task_losses)``: Lightning backpropagates it (through
   its ``GradScaler`` under ``precision="16-mixed"``, divided by ``accumulate_grad_batches`` when
   accumulating), and the losses are recorded;
-* :class:`FAMOCallback` makes the logits learn once per optimizer step. With the default
-  ``extra_forward=True`` it recomputes the task losses on the step's batches without grad,
-  under the Trainer's precision, and calls ``update``; when ``GradScaler`` skipped the step it
-  drops the recorded losses instead. With ``extra_forward=False`` it attaches FAMO to the
-  optimizer (:meth:`FAMOWeighting.attach <famo.FAMOWeighting.attach>`) for the time of
-  ``fit``, so the next ``loss`` learns after each real step and a skipped step extends the
-  window.
+* :class:`FAMOCallback` attaches FAMO to the optimizer for the time of ``fit``
+  (:meth:`FAMOWeighting.attach <famo.FAMOWeighting.attach>`), so the logits learn once per
+  optimizer step that really happened. With the default ``extra_forward=True`` it recomputes
+  the task losses of the step's batches without grad, under the Trainer's precision, and calls
+  ``update`` (which drops the recorded losses when ``GradScaler`` skipped the step). With
+  ``extra_forward=False`` the next ``loss`` learns, and a skipped step extends the window. A
+  batch whose ``training_step`` returned ``None`` (Lightning's way to skip a batch) is not part
+  of the window.
 
 The callback also logs the task weights (``famo/<task>``) through the Trainer's loggers after
 every optimizer step, unless ``FAMOCallback(log_weights=False)``.
@@ -19,7 +20,7 @@ every optimizer step, unless ``FAMOCallback(log_weights=False)``.
 The :class:`~famo.FAMOWeighting` is a submodule of the ``LightningModule``, so its whole state
 (logits, Adam moments, bounds, recorded losses; tensors only) is in the module's ``state_dict``
 and therefore in Lightning's own checkpoints; resuming with ``Trainer.fit(ckpt_path=...)``
-restores it. The callback itself holds nothing between optimizer steps, so it has no state to
+restores it. The callback holds nothing between optimizer steps, so it has no state to
 checkpoint.
 
 Uses ``pytorch_lightning`` if it is installed, otherwise ``lightning.pytorch``.
@@ -27,12 +28,12 @@ Uses ``pytorch_lightning`` if it is installed, otherwise ``lightning.pytorch``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
+from typing_extensions import override
 
-from famo._integrations import after_losses_of, check_options, find_weighting
+from famo._integrations import StepWindow, check_options, find_weighting
 from famo._weighting import FAMOWeighting
 
 try:
@@ -46,25 +47,25 @@ TaskLosses = Callable[["pl.LightningModule", Any], Any]
 
 
 class FAMOCallback(pl.Callback):
-    r"""Calls :meth:`FAMOWeighting.update <famo.FAMOWeighting.update>` after every optimizer step.
+    r"""Makes a module's :class:`~famo.FAMOWeighting` learn once per real optimizer step.
 
-    After Lightning's optimizer step (once per ``accumulate_grad_batches`` batches), the callback
-    recomputes the task losses of every batch the step used, with ``torch.no_grad()`` and inside
-    the Trainer's precision context (``autocast`` for ``"bf16-mixed"``/``"16-mixed"``), and calls
-    ``famo.update`` with them (one row per batch, averaged: the accumulation rule of
-    :meth:`~famo.FAMOWeighting.update`). When the Trainer's ``GradScaler`` skipped the step
-    (inf/NaN gradients; its scale went down), the recorded losses are discarded and the logits do
-    not move. With ``FAMOWeighting(extra_forward=False)`` nothing is recomputed: from
-    ``on_train_start`` to ``on_train_end`` the object is attached to the Trainer's optimizer
-    (``famo.attach``), so all the batches of one optimizer step form one window and the first
-    ``loss`` after a real step learns from it; a step skipped by ``GradScaler`` extends the
-    window.
+    From ``on_train_start`` to ``on_train_end`` the object is attached to the Trainer's
+    optimizer (``famo.attach``). With ``extra_forward=True``, after each optimizer step (once
+    per ``accumulate_grad_batches`` batches) the callback recomputes the task losses of every
+    batch of the step whose ``training_step`` returned a loss, with ``torch.no_grad()`` and
+    inside the Trainer's precision context (``autocast`` for ``"bf16-mixed"``/``"16-mixed"``),
+    and calls ``famo.update`` with them (one row per batch, averaged: the accumulation rule of
+    :meth:`~famo.FAMOWeighting.update`); a step that did not happen (its ``GradScaler`` found
+    inf/NaN gradients) leaves the logits as they are. With ``extra_forward=False`` nothing is
+    recomputed: the first ``loss`` after a real step learns from the step's batches.
 
-    After each optimizer step (after the logit step, with ``extra_forward=True``) the callback
-    logs ``famo.weights_dict()`` (``{"famo/<task>": weight}``, 0-dim tensors, no host sync)
-    with ``LightningModule.log_dict(on_step=True, on_epoch=False)``, so every logger of the
-    Trainer (CSV, TensorBoard, W&B, MLflow, ...) writes them every ``log_every_n_steps``. Without
-    a logger (``logger=False``) nothing is logged.
+    After each optimizer step the callback logs ``famo.weights_dict()`` (``{"famo/<task>":
+    weight}``, 0-dim tensors, no host sync) with ``LightningModule.log_dict(on_step=True,
+    on_epoch=False)``, so every logger of the Trainer writes them every ``log_every_n_steps``.
+    Without a logger (``logger=False``) nothing is logged.
+
+    A ``FAMOWeighting`` with ``warmup_steps`` or ``update_every`` keeps its schedule here: a
+    learning step is an optimizer step that happened.
 
     :param losses: how to compute the task losses of a batch: the name of a method of the
         ``LightningModule`` taking the batch (default ``"task_losses"``), or a callable
@@ -77,8 +78,8 @@ class FAMOCallback(pl.Callback):
     :raises ValueError: (when the Trainer starts) the module holds no ``FAMOWeighting``, or
         several and ``weighting`` is ``None``; ``losses`` names no method of the module; the
         module uses manual optimization.
-    :raises RuntimeError: (when training starts, with ``extra_forward=False``) the
-        ``FAMOWeighting`` is already attached to an optimizer by other code.
+    :raises RuntimeError: (when training starts) the ``FAMOWeighting`` is already attached to an
+        optimizer by other code.
 
     >>> import pytorch_lightning as pl
     >>> from famo import FAMOWeighting
@@ -123,13 +124,10 @@ class FAMOCallback(pl.Callback):
         self.losses = losses
         self.weighting = weighting
         self.log_weights = log_weights
-        self._detach: Callable[[], None] | None = None
-        self._window: list[Any] = []  # the batches since the last optimizer step
-        self._stepped = False
-        self._scale_before: float | None = None
+        self._window = StepWindow()
+        self._stepping = False  # an optimizer step was attempted in this batch
 
-    # ------------------------------------------------------------------ Lightning hooks
-
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._famo(pl_module)  # fail at the start, not after the first step
         if not pl_module.automatic_optimization:
@@ -145,32 +143,29 @@ class FAMOCallback(pl.Callback):
                 "FAMOCallback(losses=lambda module, batch: ...)."
             )
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._window, self._stepped = [], False
-        famo = self._famo(pl_module)
-        if not famo.extra_forward and trainer.optimizers:
-            self._detach = famo.attach(trainer.optimizers[0]).remove
+        self._stepping = False
+        if trainer.optimizers:
+            self._window.start(self._famo(pl_module), trainer.optimizers[0])
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hook()
+        self._window.stop()
 
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._remove_hook()
+        self._window.stop()
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._window.append(batch)
-
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        self._stepped = True
-        scaler = _scaler(trainer)
-        self._scale_before = scaler.get_scale() if scaler is not None else None
+        self._stepping = True
 
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -179,41 +174,21 @@ class FAMOCallback(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not self._stepped:
+        if _trained_on(outputs):
+            self._window.add(batch)
+        if not self._stepping:
             return  # accumulating: the optimizer has not stepped yet
-        window, self._window, self._stepped = self._window, [], False
+        self._stepping = False
         famo = self._famo(pl_module)
-        self._learn(trainer, pl_module, famo, window)
+        self._window.learn(
+            famo,
+            lambda batch: self._task_losses(pl_module, batch),
+            trainer.precision_plugin.forward_context,
+        )
         if self.log_weights and trainer.loggers:
             pl_module.log_dict(famo.weights_dict(), on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ internals
-
-    def _learn(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        famo: FAMOWeighting,
-        window: list[Any],
-    ) -> None:
-        if not famo.extra_forward or not famo.pending:
-            return  # attached: the next `loss` learns; or training_step recorded nothing
-        scaler = _scaler(trainer)
-        if (
-            scaler is not None
-            and self._scale_before is not None
-            and scaler.get_scale() < self._scale_before
-        ):
-            famo.discard()  # GradScaler skipped the step: nothing to learn from
-            return
-        with torch.no_grad(), trainer.precision_plugin.forward_context():
-            rows = [self._task_losses(pl_module, batch) for batch in window]
-        famo.update(after_losses_of(rows))
-
-    def _remove_hook(self) -> None:
-        if self._detach is not None:
-            self._detach()
-            self._detach = None
 
     def _task_losses(self, pl_module: pl.LightningModule, batch: Any) -> Any:
         if isinstance(self.losses, str):
@@ -224,7 +199,9 @@ class FAMOCallback(pl.Callback):
         return find_weighting(pl_module, self.weighting, "FAMOCallback")
 
 
-def _scaler(trainer: pl.Trainer) -> Any:
-    """The Trainer's GradScaler (``precision="16-mixed"``), or None."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return scaler if callable(getattr(scaler, "get_scale", None)) else None
+def _trained_on(outputs: Any) -> bool:
+    """Whether ``training_step`` returned a loss for the batch (``None`` skips it: Lightning
+    then hands ``on_train_batch_end`` an empty mapping)."""
+    if outputs is None:
+        return False
+    return not isinstance(outputs, Mapping) or outputs.get("loss") is not None

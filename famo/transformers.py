@@ -45,8 +45,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
+from typing_extensions import override
 
-from famo._integrations import after_losses_of, check_options, find_weighting
+from famo._integrations import StepWindow, check_options, find_weighting
 from famo._weighting import FAMOWeighting
 
 __all__ = ["FAMOTrainer"]
@@ -134,9 +135,8 @@ class FAMOTrainer(Trainer):
         self.task_losses = task_losses
         self.log_weights = log_weights
         self.famo = _find_famo(self.model, weighting)
-        self._famo_window: list[tuple[nn.Module, Mapping[str, Any]]] = []
-        self._famo_detach_hook: Callable[[], None] | None = None
-        self.add_callback(_FAMOSteps(self))
+        self._famo_steps = _FAMOSteps(self)
+        self.add_callback(self._famo_steps)
 
     def compute_task_losses(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[Any, Any]:
         """The batch's task losses and the model's outputs (``None`` with a ``task_losses``
@@ -163,10 +163,11 @@ class FAMOTrainer(Trainer):
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
         """FAMO's objective over the batch's task losses (recorded only when training)."""
+        recording = torch.is_grad_enabled()  # as `famo.loss` decides (evaluation runs no_grad)
         losses, outputs = self.compute_task_losses(model, inputs)
         loss = self.famo.loss(losses)
-        if self.famo.extra_forward and model.training and torch.is_grad_enabled():
-            self._famo_window.append((model, inputs))  # recomputed after the optimizer step
+        if recording:
+            self._famo_steps.window.add((model, inputs))  # recomputed after the optimizer step
         if not return_outputs:
             return loss
         return loss, _predictions(outputs)
@@ -177,43 +178,33 @@ class FAMOTrainer(Trainer):
             logs.update(self.famo.weights_dict(as_floats=True))
         super().log(logs, *args, **kwargs)
 
-    # ------------------------------------------------------------------ internals
-
-    def _famo_attach(self, optimizer: Any) -> None:
-        self._famo_detach()
-        self._famo_window.clear()
-        self._famo_detach_hook = self.famo.attach(optimizer).remove
-
-    def _famo_detach(self) -> None:
-        if self._famo_detach_hook is not None:
-            self._famo_detach_hook()
-            self._famo_detach_hook = None
-
-    def _famo_after_step(self) -> None:
-        """extra_forward=True: the step's after-losses, or nothing to learn (then dropped)."""
-        window, self._famo_window = self._famo_window, []
-        if not self.famo.extra_forward or not window or not self.famo.pending:
-            return
-        with torch.no_grad(), self.compute_loss_context_manager():
-            rows = [self.compute_task_losses(model, inputs)[0] for model, inputs in window]
-        self.famo.update(after_losses_of(rows))
-
 
 class _FAMOSteps(TrainerCallback):
-    """Attaches FAMO to the Trainer's optimizer for the time of ``train`` and runs the after-step
-    update of ``extra_forward=True``."""
+    """Owns the trainer's step window: attaches FAMO to the Trainer's optimizer for the time of
+    ``train``, and with ``extra_forward=True`` recomputes each step's micro-batches after the
+    optimizer step and calls ``update``."""
 
     def __init__(self, trainer: FAMOTrainer) -> None:
         self.trainer = trainer
+        self.window = StepWindow()
 
+    @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._famo_attach(kwargs.get("optimizer") or self.trainer.optimizer)
+        trainer = self.trainer
+        self.window.start(trainer.famo, kwargs.get("optimizer") or trainer.optimizer)
 
+    @override
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._famo_after_step()
+        trainer = self.trainer
+        self.window.learn(
+            trainer.famo,
+            lambda batch: trainer.compute_task_losses(*batch)[0],
+            trainer.compute_loss_context_manager,
+        )
 
+    @override
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._famo_detach()
+        self.window.stop()
 
 
 def _find_famo(model: Any, weighting: str | None) -> FAMOWeighting:

@@ -72,12 +72,16 @@ KEYS = {
     "logits",
     "exp_avg",
     "exp_avg_sq",
-    "steps",
-    "min_losses",
-    "pending_sum",
-    "pending_count",
-    "pending_stepped",
-    "task_names",
+    "adam_step",
+    "lower_bounds",
+    "window_sum",
+    "window_count",
+    "window_stepped",
+    "warmup_count",
+    "block_count",
+    "block_sum",
+    "block_tasks",
+    "task_names_utf8",
     "format_version",
 }
 
@@ -88,11 +92,12 @@ def test_state_dict_holds_tensors_only_and_everything_that_determines_the_future
     state = famo.state_dict()
     assert set(state) == KEYS
     assert all(isinstance(value, torch.Tensor) for value in state.values())
-    assert bytes(state["task_names"].tolist()) == b"a\x00b"
-    assert state["format_version"].item() == FORMAT_VERSION == 2
-    assert state["min_losses"].tolist() == [-1.0, 0.5]
-    assert state["pending_sum"].tolist() == [1.0, 2.0]
-    assert state["pending_count"].tolist() == [1.0, 1.0]
+    assert bytes(state["task_names_utf8"].tolist()) == b"a\x00b"
+    assert state["format_version"].item() == FORMAT_VERSION == 3
+    assert state["lower_bounds"].dtype == torch.float64
+    assert state["lower_bounds"].tolist() == [-1.0, 0.5]
+    assert state["window_sum"].tolist() == [1.0, 2.0]
+    assert state["window_count"].tolist() == [1.0, 1.0]
     # What every tool does with a state dict works: detach, move, copy_ into another one.
     moved = {key: value.cpu().clone() for key, value in state.items()}
     other = FAMOWeighting(["a", "b"], lr=0.1, gamma="official").state_dict()
@@ -160,13 +165,26 @@ def test_the_constructor_owns_hyper_parameters_and_flags() -> None:
     assert not torch.equal(target.logits, before)
 
 
-def test_no_parameters_and_no_buffers_so_no_optimizer_or_ddp_touches_the_state() -> None:
+def test_no_parameters_and_every_state_dict_entry_is_a_registered_buffer() -> None:
     model = torch.nn.Module()
     model.body = torch.nn.Linear(2, 2)
     model.famo = FAMOWeighting(3)
-    assert list(model.famo.parameters()) == [] and list(model.famo.buffers()) == []
+    assert list(model.famo.parameters()) == []
     assert len(list(model.parameters())) == 2  # the Linear's weight and bias only
-    assert "famo.logits" in model.state_dict()
+    buffers = dict(model.named_buffers())
+    famo_keys = [key for key in model.state_dict() if key.startswith("famo.")]
+    assert sorted(famo_keys) == sorted(f"famo.{key}" for key in KEYS)
+    for key in famo_keys:
+        assert torch.equal(buffers[key], model.state_dict()[key]), key
+        assert model.get_buffer(key) is buffers[key]
+
+
+def test_what_state_dict_returns_is_a_copy() -> None:
+    famo = FAMOWeighting(2)
+    famo.backward(torch.tensor([1.0, 2.0], requires_grad=True))
+    for value in famo.state_dict().values():
+        value.zero_()
+    assert famo.pending_sum.tolist() == [1.0, 2.0] and famo.pending
 
 
 def test_dtype_conversion_moves_all_state_and_never_drops_below_float32() -> None:
@@ -234,7 +252,11 @@ def test_a_famo_0_1_checkpoint_still_loads() -> None:
     famo = FAMOWeighting(["a", "b"])
     famo.backward(torch.tensor([1.0, 2.0], requires_grad=True))
     famo.update([0.5, 1.9])
-    state = {key: famo.state_dict()[key] for key in _checkpoint.FLOAT_KEYS}
+    new = famo.state_dict()
+    state = {key: new[key] for key in ("logits", "exp_avg", "exp_avg_sq")}
+    state["steps"] = new["adam_step"].expand(2).clone()
+    state["min_losses"] = new["lower_bounds"].float()
+    state["pending_sum"], state["pending_count"] = new["window_sum"], new["window_count"]
     state["_extra_state"] = {"format_version": 1, "tasks": ["a", "b"], "lr": 0.5}  # type: ignore[assignment]
     restored = FAMOWeighting(["a", "b"])
     restored.load_state_dict(state)
@@ -283,3 +305,21 @@ def test_strict_true_names_missing_and_unexpected_keys_as_torch_does() -> None:
     state["famo.bogus"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*famo\.bogus"):
         Pretrained().load_state_dict(state)
+
+
+def test_a_famo_0_2_checkpoint_still_loads_and_continues() -> None:
+    """Layout 2, written by famo 0.2.0 itself (tests/data), losses pending and tasks missing."""
+    saved = torch.load(Path(__file__).parent / "data" / "famo_0_2_checkpoint.pt", weights_only=True)
+    famo = FAMOWeighting(
+        ["seg", "depth", "normal"], min_losses=0.0, dtype=torch.float64
+    )  # other bounds on purpose: the checkpoint's win
+    famo.load_state_dict(saved["famo"])
+    assert torch.equal(famo.logits, saved["logits"])
+    assert torch.equal(famo.pending_sum, saved["pending_sum"]) and famo.pending
+    assert famo.min_losses.tolist() == [0.0, -0.5, 0.25]
+    famo.update(saved["pending_sum"] * 0.9)  # the pending losses were restored
+    missing = FAMOWeighting(["a", "b"], allow_missing_tasks=True)
+    missing.load_state_dict(saved["missing"])
+    assert torch.equal(missing.logits, saved["missing_logits"])
+    assert torch.equal(missing.steps, saved["missing_steps"])  # per-task step counts
+    assert not missing.pending

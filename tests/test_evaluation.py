@@ -1,14 +1,15 @@
 """Evaluation without side effects: the objective and weights of a validation batch.
 
-``loss`` records the losses only when it trains: autograd enabled and the module in training
-mode. Under ``torch.no_grad()``/``inference_mode()`` or after ``.eval()`` it returns the same
-value and changes nothing, so a validation loop cannot shift the next logit step.
+Whether a ``loss`` call trains is decided by grad mode alone, as autograd decides it: under
+``torch.no_grad()``/``inference_mode()`` it returns the same value and changes nothing, so a
+validation loop cannot shift the next logit step; ``.eval()`` changes nothing (fine-tuning with
+frozen batch norm, or a loop that forgot ``model.train()`` after validation, still learns).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 
 import pytest
 import torch
@@ -24,15 +25,9 @@ def _train_step(famo: FAMOWeighting, before: list[float], after: list[float]) ->
     famo.update(after)
 
 
-def _eval_in_mode(famo: FAMOWeighting) -> AbstractContextManager[None]:
-    famo.eval()
-    return nullcontext()
-
-
 EVALUATIONS: dict[str, Callable[[FAMOWeighting], AbstractContextManager[object]]] = {
     "no_grad": lambda famo: torch.no_grad(),
     "inference_mode": lambda famo: torch.inference_mode(),
-    "eval_mode": _eval_in_mode,
 }
 
 
@@ -46,9 +41,8 @@ def test_a_validation_call_records_nothing_and_does_not_shift_the_next_step(how:
     famo.backward(torch.tensor([0.8, 1.9], dtype=F64, requires_grad=True))
     state = snapshot(famo)
     with EVALUATIONS[how](famo):
-        validation = torch.tensor([5.0, 0.1], dtype=F64, requires_grad=how == "eval_mode")
+        validation = torch.tensor([5.0, 0.1], dtype=F64)
         value = famo.loss(validation)
-    famo.train()
     assert_same_state(famo, state)
     # The value is the training objective's: Σ w ℓ with the current weights.
     z, shifted = famo.weights, validation.detach() + famo.eps
@@ -68,11 +62,24 @@ def test_validation_losses_need_no_grad_and_may_leave_tasks_out_of_nothing() -> 
     assert not famo.pending
 
 
-def test_backward_records_whatever_the_mode() -> None:
-    famo = FAMOWeighting(2)
-    famo.eval()  # a fine-tuning loop that keeps batch norm frozen this way
-    famo.backward(torch.tensor([1.0, 2.0], requires_grad=True))
-    assert famo.pending
+@pytest.mark.parametrize("call", ["backward", "loss"])
+def test_eval_mode_changes_nothing_in_what_famo_learns(call: str) -> None:
+    """A fine-tuning loop with the model in eval mode learns exactly as in train mode."""
+    trained = {}
+    for mode in ("train", "eval"):
+        famo = FAMOWeighting(2, dtype=F64)
+        famo.train(mode == "train")
+        for before, after in (([1.0, 2.0], [0.8, 1.9]), ([0.8, 1.9], [0.5, 1.85])):
+            losses = torch.tensor(before, dtype=F64, requires_grad=True)
+            if call == "backward":
+                famo.backward(losses)
+            else:
+                famo.loss(losses).backward()
+            assert famo.pending
+            famo.update(after)
+        trained[mode] = famo
+    assert trained["eval"].steps.tolist() == [2.0, 2.0]
+    assert torch.equal(trained["eval"].logits, trained["train"].logits)
 
 
 def test_the_weights_for_a_logger_are_named_and_need_no_sync() -> None:

@@ -275,7 +275,7 @@ def _adversarial_run(steps: int, seed: int, k: int, lr: float) -> None:
             step = (famo.logits - previous).abs().max().item()
             largest_step = max(largest_step, step)
             previous.copy_(famo.logits)
-        for name in ("logits", "exp_avg", "exp_avg_sq", "steps"):
+        for name in ("logits", "exp_avg", "exp_avg_sq", "adam_step"):
             assert torch.isfinite(getattr(famo, name)).all(), name
         weights = famo.weights
         assert torch.isfinite(weights).all() and abs(weights.sum().item() - 1.0) < 1e-5
@@ -322,7 +322,7 @@ def test_float64_state_that_float32_cannot_hold_refuses_to_convert() -> None:
     famo = FAMOWeighting(2, dtype=torch.float64)
     famo.loss(torch.tensor([1e39, 1.0], dtype=torch.float64, requires_grad=True))
     before = snapshot(famo)
-    with pytest.raises(ValueError, match=r"`pending_sum`.*float32"):
+    with pytest.raises(ValueError, match=r"`window_sum`.*float32"):
         famo.float()
     assert_same_state(famo, before)
     assert famo.logits.dtype == torch.float64

@@ -279,21 +279,23 @@ class FAMOMachine(RuleBasedStateMachine):
         elif damage == "newer version":
             state["format_version"] = state["format_version"] + 1
         elif damage == "version as a number":
-            state["format_version"] = 2
+            state["format_version"] = 3
         elif damage == "other tasks":
-            state["task_names"] = _checkpoint.encode_task_names(("x",) * self.famo.num_tasks)
+            state["task_names_utf8"] = _checkpoint.encode_task_names(
+                ("x",) * self.famo.num_tasks, torch.device("cpu")
+            )
         elif damage == "names as text":
-            state["task_names"] = "a,b"
+            state["task_names_utf8"] = "a,b"
         elif damage == "negative exp_avg_sq":
             state["exp_avg_sq"] = -1.0 - state["exp_avg_sq"]
         elif damage == "negative steps":
-            state["steps"] = -1.0 - state["steps"]
+            state["adam_step"] = -1.0 - state["adam_step"]
         elif damage == "fractional count":
-            state["pending_count"] = state["pending_count"] + 0.5
+            state["window_count"] = state["window_count"] + 0.5
         else:
-            state["pending_stepped"] = torch.tensor(True)
-            state["pending_count"] = torch.zeros_like(state["pending_count"])
-            state["pending_sum"] = torch.zeros_like(state["pending_sum"])
+            state["window_stepped"] = torch.tensor(True)
+            state["window_count"] = torch.zeros_like(state["window_count"])
+            state["window_sum"] = torch.zeros_like(state["window_sum"])
         assert not self._call(lambda: self.famo.load_state_dict(state), "load damaged"), damage
 
     @rule(checkpoint=checkpoints)

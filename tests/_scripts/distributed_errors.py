@@ -4,8 +4,9 @@ Two things that only show with several ranks:
 
 * a NaN loss on rank 1 only: the values are checked after the all-reduce, so every rank raises
   at the same call, every rank skips the batch, and training goes on with identical logits;
-* ``FAMOWeighting(process_group=False)`` inside a ``DistributedDataParallel`` model: each rank
-  keeps its own state (DDP broadcasts buffers from rank 0, and FAMO's state is not a buffer).
+* ``FAMOWeighting(process_group=False)`` inside a ``DistributedDataParallel`` model built with
+  ``broadcast_buffers=False``: each rank keeps its own state (FAMO's state is buffers, which
+  DDP would otherwise broadcast from rank 0; famo refuses that case, tested elsewhere).
   (No NaN there: a rank that raises alone and skips its backward would leave DDP's gradient
   all-reduce waiting on the others. That is why the shared default checks after the reduce.)
 """
@@ -49,7 +50,9 @@ class Net(nn.Module):
 
 def train(process_group: Any, rank: int) -> dict[str, Any]:
     net = Net(process_group)
-    ddp = DistributedDataParallel(net)  # broadcast_buffers=True, the default
+    # The shared state may take DDP's default buffer broadcast (the same values on every rank);
+    # one state per rank needs broadcast_buffers=False.
+    ddp = DistributedDataParallel(net, broadcast_buffers=process_group is not False)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
     twin = FAMOWeighting(2, process_group=False, dtype=F64)  # outside DDP: this rank's values
     skipped = []
