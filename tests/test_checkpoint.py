@@ -14,7 +14,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from famo import FORMAT_VERSION, FAMOWeighting, _checkpoint
+from famo import FORMAT_VERSION, FAMOWeighting
 from tests.helpers import loss_weights
 from tests.strategies import Scenario, scenarios
 

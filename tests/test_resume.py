@@ -168,7 +168,10 @@ def test_a_checkpoint_for_other_tasks_is_refused_before_anything_is_copied(
 @pytest.mark.parametrize(
     ("version", "message"),
     [
-        (torch.tensor(FORMAT_VERSION + 1), rf"format version {FORMAT_VERSION + 1}.* reads versions 1 to"),
+        (
+            torch.tensor(FORMAT_VERSION + 1),
+            rf"format version {FORMAT_VERSION + 1}.* reads versions 1 to",
+        ),
         (torch.tensor(0), r"format version 0.* reads versions 1 to"),
         (torch.tensor(2.0), r"`format_version` should be a one-element integer tensor"),
         ("2", r"`format_version` should be a one-element integer tensor"),
