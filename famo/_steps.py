@@ -42,9 +42,9 @@ class Window:
         self.seen: tuple[Any, ...] = ()  # (tensor, version) of each buffer the facts come from
         self.version_seen = 0  # format_version's version: nothing outside famo writes it
 
-    def note(self, buffers: dict[str, Tensor]) -> None:
+    def note(self, buffers: dict[str, Tensor], compiling: bool | None = None) -> None:
         """The buffers as famo itself just left them."""
-        if F.is_compiling():
+        if F.is_compiling() if compiling is None else compiling:
             self.seen = ()  # versions are not traced: the next eager call reads the facts again
             return
         total, count, stepped = (
@@ -119,24 +119,81 @@ def sync(famo: FAMOWeighting) -> None:
     window.derive(buffers)  # replaced or edited from outside: read them again (one sync)
 
 
-def offset(famo: FAMOWeighting) -> Tensor:
-    r""":math:`\epsilon - b` in the state's dtype, recomputed when the bounds or ``eps`` change."""
+def offset(famo: FAMOWeighting, compiling: bool | None = None) -> Tensor:
+    r""":math:`\epsilon - b` in the state's dtype, recomputed when the bounds or ``eps`` change.
+
+    (A move to another dtype or device, and a load, start afresh: ``_state_replaced``.)
+    """
     bounds = famo._buffers["lower_bounds"]
-    dtype = famo._buffers["logits"].dtype
-    if F.is_compiling():
-        return bounds.to(dtype).neg().add_(famo.eps)
+    eps = famo._settings["eps"]
+    if F.is_compiling() if compiling is None else compiling:
+        return bounds.to(famo._buffers["logits"].dtype).neg().add_(eps)
     key = famo._offset_key
-    if (
-        key is None
-        or key[0] is not bounds
-        or key[1] != bounds._version
-        or key[2] != famo.eps
-        or key[3] != dtype
-    ):
-        famo._offset = bounds.to(dtype).neg().add_(famo.eps)
-        famo._offset_key = (bounds, bounds._version, famo.eps, dtype)
+    if key is None or key[0] is not bounds or key[1] != bounds._version or key[2] != eps:
+        famo._offset = bounds.to(famo._buffers["logits"].dtype).neg().add_(eps)
+        famo._offset_key = (bounds, bounds._version, eps)
         famo._window.lone_log = None  # computed with other bounds
     return famo._offset
+
+
+# ---------------------------------------------------------------------------------- the fast path
+
+
+def fast_loss(famo: FAMOWeighting, losses: Tensor) -> Tensor | None:
+    """``loss`` for the common call, eager: a 1-D tensor of the state's dtype and device, under
+    grad, one process, ``extra_forward=True``; None where anything else applies (the general
+    path then decides, with the same arithmetic)."""
+    buffers, window = famo._buffers, famo._window
+    logits = buffers["logits"]
+    if (
+        losses.dim() != 1
+        or losses.shape[0] != famo._num_tasks
+        or losses.dtype != logits.dtype
+        or not losses.requires_grad
+        or losses.device != logits.device
+        or torch._C._current_graph_task_id() != -1  # inside backward: maybe a replay
+        or F.is_compiling()
+        or not window.current(buffers)
+        or famo._group.active() is not None
+    ):
+        return None
+    values = losses.data  # read only, never written: no autograd node, no ATen op
+    log_d = torch.add(values, offset(famo, False)).log_()
+    if famo._settings["validate"]:
+        famo._check_fast(values, log_d, accumulate=window.pending)
+    weights = torch.softmax(torch.sub(logits, log_d), dim=0)
+    if window.pending:
+        record(famo, values, log_d, None)
+    else:
+        buffers["window_sum"] = values
+        buffers["window_count"] = famo._constants["one"]
+        window.pending, window.calls, window.lone_log = True, 1, log_d
+        window.note(buffers, False)
+    return torch.dot(losses, weights)
+
+
+def fast_update(famo: FAMOWeighting, new_losses: Tensor) -> bool:
+    """``update`` for the common call (see :func:`fast_loss`); False where it does not apply."""
+    buffers, window = famo._buffers, famo._window
+    logits = buffers["logits"]
+    if (
+        not window.pending
+        or new_losses.dim() != 1
+        or new_losses.shape[0] != famo._num_tasks
+        or new_losses.dtype != logits.dtype
+        or new_losses.device != logits.device
+        or (famo._attachment is not None and not window.stepped)
+        or F.is_compiling()
+        or not window.current(buffers)
+        or famo._group.active() is not None
+    ):
+        return False
+    values = new_losses.data if new_losses.requires_grad else new_losses
+    after = torch.add(values, offset(famo, False)).log_()
+    if famo._settings["validate"]:
+        famo._check_fast(values, after, param="new_losses")
+    learn(famo, after, famo._adam)
+    return True
 
 
 # ---------------------------------------------------------------------------------- recording
@@ -162,14 +219,14 @@ def record(famo: FAMOWeighting, values: Tensor, log_d: Tensor, mask: Tensor | No
     window.note(buffers)
 
 
-def clear(famo: FAMOWeighting) -> None:
+def clear(famo: FAMOWeighting, compiling: bool | None = None) -> None:
     """Forget the window (consumed by a logit step, or dropped)."""
     buffers, window, constants = famo._buffers, famo._window, famo._constants
     buffers["window_sum"] = constants["zero_sum"]
     buffers["window_count"] = constants["zero_count"]
     buffers["window_stepped"] = constants["false"]
     window.pending, window.stepped, window.calls, window.lone_log = False, False, 0, None
-    window.note(buffers)
+    window.note(buffers, compiling)
 
 
 def mark_stepped(famo: FAMOWeighting) -> None:
@@ -200,18 +257,15 @@ def learn(famo: FAMOWeighting, after: Tensor, adam: dict[str, Any]) -> None:
     """The logit step from the window to ``after`` (log D): eager, all tasks, no schedule."""
     buffers = famo._buffers
     logits = buffers["logits"]
-    before = window_log_distance(famo, offset(famo))
+    lone = famo._window.lone_log
+    before = lone if lone is not None else window_log_distance(famo, offset(famo, False))
     grad = F.logit_gradient(logits, torch.sub(before, after))
-    F.adam_step_(
-        logits,
-        grad,
-        buffers["exp_avg"],
-        buffers["exp_avg_sq"],
-        buffers["adam_step"],
-        fused=famo._fused(logits.device),
-        **adam,
-    )
-    clear(famo)
+    state = (logits, grad, buffers["exp_avg"], buffers["exp_avg_sq"], buffers["adam_step"])
+    if famo._fused(logits.device, False):
+        F._fused_adam_(*state, adam["lr"], adam["gamma"], adam["betas"], adam["eps"], None)
+    else:
+        F._single_tensor_adam_(*state, adam["lr"], adam["gamma"], adam["betas"], adam["eps"])
+    clear(famo, False)
 
 
 def learn_scheduled(

@@ -1,3 +1,3 @@
 """The version of famo: its single source, read by pyproject.toml and by ``famo.__version__``."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

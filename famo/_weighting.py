@@ -141,6 +141,15 @@ class FAMOWeighting(nn.Module):
         self._offset_key: tuple[Any, ...] | None = None
         self._offset = torch.empty(0)
         self._window = _steps.Window()
+        # The common call's path: all tasks, no schedule, the published recipe (see _steps).
+        self._fast = (
+            checked["extra_forward"]
+            and not checked["allow_missing_tasks"]
+            and checked["warmup_steps"] == 0
+            and checked["update_every"] == 1
+        )
+        self._fused_key: tuple[Any, ...] = ()
+        self._fused_now = False
         initial = _checkpoint.initial(
             num_tasks,
             names,
@@ -318,6 +327,10 @@ class FAMOWeighting(nn.Module):
         >>> objective
         tensor(1.3333, dtype=torch.float64, grad_fn=<DotBackward0>)
         """
+        if self._fast and isinstance(losses, Tensor) and torch.is_grad_enabled():
+            objective = _steps.fast_loss(self, losses)
+            if objective is not None:
+                return objective
         record = torch.is_grad_enabled() and not _steps.replaying()
         batch = self._read(losses, "losses", for_backward=record)
         if not record or (batch.values.is_meta and not self._buffers["logits"].is_meta):
@@ -367,11 +380,12 @@ class FAMOWeighting(nn.Module):
                 "torch.inference_mode(). Call it outside that block; only `update` (with the "
                 "losses recomputed after the step) belongs under no_grad."
             )
-        _steps.sync(self)
-        window = self._window
-        learns = not self.extra_forward and window.pending
-        learns = learns and (self._attachment is None or window.stepped)
-        before = {key: self._buffers[key] for key in ("window_sum", "window_count")}
+        window, buffers = self._window, self._buffers
+        learns = False  # whether this call takes the pending logit step (extra_forward=False)
+        if not self._settings["extra_forward"]:
+            _steps.sync(self)
+            learns = window.pending and (self._attachment is None or window.stepped)
+        before = {"window_sum": buffers["window_sum"], "window_count": buffers["window_count"]}
         objective = self.loss(losses)
         try:
             objective.backward(**kwargs)  # type: ignore[no-untyped-call]
@@ -412,6 +426,9 @@ class FAMOWeighting(nn.Module):
         >>> famo.weights
         tensor([0.4875, 0.5125])
         """
+        fast = self._fast and skip is False and isinstance(new_losses, Tensor)
+        if fast and _steps.fast_update(self, new_losses):
+            return
         if not self._settings["extra_forward"]:
             raise RuntimeError(
                 "`update` should not be called on a FAMOWeighting created with "
@@ -569,7 +586,7 @@ class FAMOWeighting(nn.Module):
         """
         given = batch.values
         if given.requires_grad:
-            given = given.detach()
+            given = given.data  # read only, never written: no autograd node, no ATen op
         state = self._buffers["logits"]
         if given.device != state.device and follow is not None:
             if follow:
@@ -592,6 +609,11 @@ class FAMOWeighting(nn.Module):
             num_tasks=self._num_tasks,
             masked=self._settings["allow_missing_tasks"],
         )
+
+    def _check_fast(
+        self, values: Tensor, log_d: Tensor, *, accumulate: bool = False, param: str = "losses"
+    ) -> None:
+        self._check(LossVector(values, None), values, log_d, param, accumulate=accumulate)
 
     def _check(
         self,
@@ -617,8 +639,14 @@ class FAMOWeighting(nn.Module):
             across_ranks=not local and self._group.active() is not None,
         )
 
-    def _fused(self, device: torch.device) -> bool:
-        return F.use_fused_adam(device)
+    def _fused(self, device: torch.device, compiling: bool | None = None) -> bool:
+        """:func:`famo.functional.use_fused_adam`, asked again only when its inputs change."""
+        if F.is_compiling() if compiling is None else compiling:
+            return False
+        key = (device, torch.get_num_threads())
+        if key != self._fused_key:
+            self._fused_now, self._fused_key = F.use_fused_adam(device), key
+        return self._fused_now
 
     def _build_adam(self) -> dict[str, Any]:
         """The logits' Adam settings as :func:`famo.functional.adam_step_` takes them."""
