@@ -46,7 +46,13 @@ def test_speed_smoke(smoke_dir: Path) -> None:
     record = _written(smoke_dir, "speed")
     for row in record["overhead"].values():
         assert row["ratio_to_floor"]["sum (floor)"] == 1.0
+        assert row["famo_over_straight_line"] > 0
+    for row in record["named_dict"].values():
+        assert row["ratio_to_sum"]["sum(d.values())"] == 1.0
+    assert record["ops_per_step"]["famo"] == record["ops_per_step"]["straight-line"]
     assert record["training_steps"]
+    assert record["targets"]["ops_per_step"]["met"] is not None
+    assert record["targets"]["named_dict_100000"]["met"] is None  # not measured in --smoke
 
 
 def test_demo_smoke(smoke_dir: Path) -> None:
@@ -120,3 +126,84 @@ def test_published_baseline_matches_the_golden_values_and_famo() -> None:
         published.update(after)
         famo.update(after)
     assert torch.allclose(published.weights, famo.weights, atol=1e-10)
+
+
+@pytest.mark.parametrize("threads", [1, 2])  # the fused Adam kernel, and the op-by-op formulas
+def test_straight_line_reference_matches_famo(threads: int) -> None:
+    import torch
+
+    from benchmarks.opcount import count
+    from benchmarks.straight_line import StraightLineFAMO
+    from famo import FAMOWeighting
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        k = 5
+        bounds = torch.tensor([0.0, 0.1, -0.2, 0.05, 0.0])
+        famo = FAMOWeighting(k, gamma=1e-2, min_losses=bounds, validate=False)
+        reference = StraightLineFAMO(k, gamma=1e-2, min_losses=bounds)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(6):
+            before = torch.rand(k, generator=generator) + 0.5
+            after = before * (0.5 + torch.rand(k, generator=generator))
+            given = [before.clone().requires_grad_() for _ in range(2)]
+            objectives = famo.loss(given[0]), reference.loss(given[1])
+            torch.testing.assert_close(objectives[1], objectives[0])
+            for objective in objectives:
+                objective.backward()
+            torch.testing.assert_close(given[1].grad, given[0].grad)  # the loss weights w
+            with torch.no_grad():
+                famo.update(after)
+                reference.update(after)
+            torch.testing.assert_close(reference.logits, famo.state_dict()["logits"])
+            torch.testing.assert_close(torch.softmax(reference.logits, 0), famo.weights)
+        # The same ATen operations as famo's fast path (if famo's change, change the reference).
+        leaf = (torch.rand(k) + 0.5).requires_grad_()
+        later = torch.rand(k) + 0.5
+
+        def ops(weighting: FAMOWeighting | StraightLineFAMO) -> list[str]:
+            def step() -> None:
+                weighting.loss(leaf).backward()
+                with torch.no_grad():
+                    weighting.update(later)
+
+            step()  # warm, and leaf.grad exists for both
+            return sorted(count(step).names)
+
+        assert ops(reference) == ops(famo)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_speed_targets_report_each_measure() -> None:
+    from benchmarks import speed
+
+    targets = speed.check_targets({"overhead": {}, "training_steps": {}})
+    assert len(targets) == 5
+    assert all(target["met"] is None for target in targets.values())
+    assert "not measured" in speed.details({"notes": "", "overhead": {"7": {"seconds": {}}}})
+
+
+def test_straight_line_docstring_example() -> None:
+    import doctest
+
+    from benchmarks import straight_line
+
+    assert doctest.testmod(straight_line).failed == 0
+
+
+@pytest.mark.parametrize("form", ["tensor", "dict"])
+def test_profile_step_smoke(form: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from benchmarks import profile_step
+
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--k", "3", "--steps", "5", "--timed-steps", "3", "--top", "3", "--form", form]
+        times = profile_step.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert {"famo: loss", "famo: update", "straight-line: step"} <= set(times)
+    assert "by own time" in capsys.readouterr().out
