@@ -23,7 +23,6 @@ accelerate = pytest.importorskip("accelerate")
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 SCRIPTS = Path(__file__).resolve().parent / "_scripts"
-README = Path(__file__).resolve().parent.parent / "README.md"
 TASKS = 3
 
 
@@ -69,7 +68,7 @@ def task_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 def accelerated_steps(
     accelerator: Any, model: nn.Module, optimizer: Any, famo: FAMOWeighting, data: list[Any]
 ) -> None:
-    """The README's loop: the only FAMO call is ``famo.loss``."""
+    """The docs' loop: the only FAMO call is ``famo.loss``."""
     for x, y in data:
         with accelerator.accumulate(model):
             accelerator.backward(famo.loss(task_losses(model, x, y)))
@@ -199,8 +198,3 @@ def test_the_readme_accelerate_example_runs(
     assert famo.pending  # the 4th step's losses await the next batch (and are in the checkpoint)
     assert "custom_checkpoint_0.pkl" in {p.name for p in (tmp_path / "checkpoint").iterdir()}
     assert "weights: {'famo/small'" in capsys.readouterr().out
-
-
-def test_the_readme_shows_the_tested_accelerate_example() -> None:
-    script = (SCRIPTS / "readme_accelerate.py").read_text(encoding="utf-8")
-    assert f"<!-- skip-test -->\n```python\n{script}```" in README.read_text(encoding="utf-8")

@@ -1,5 +1,6 @@
 """The package a user installs: build the sdist and the wheel, install the wheel into a fresh
-virtual environment, run the README's first example there, and type-check code that uses famo.
+virtual environment, run the getting-started page's first example there, and type-check code
+that uses famo.
 
 One virtual environment for the whole module (torch comes pinned by constraints.txt, so pip takes
 it from the local wheel cache rather than downloading a CUDA build). Nothing runs with the
@@ -53,12 +54,10 @@ def _run(
     return result
 
 
-def _readme_python_block(title: str) -> str:
-    """The first ```python block under the README heading `title`."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split(f"\n## {title}\n", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert match is not None, f"no python block under '## {title}'"
+def _first_python_block(page: Path) -> str:
+    """The first ```python block of a documentation page."""
+    match = re.search(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.DOTALL)
+    assert match is not None, f"no python block in {page}"
     return match.group(1)
 
 
@@ -128,7 +127,7 @@ def test_the_wheel_and_sdist_hold_what_users_need(installed: Installed) -> None:
     assert {"famo/py.typed", "pyproject.toml", "LICENSE", "README.md", "CHANGELOG.md"} <= members
 
 
-def test_the_readme_example_runs_from_the_installed_wheel(installed: Installed) -> None:
+def test_the_getting_started_example_runs_from_the_installed_wheel(installed: Installed) -> None:
     where = _run(
         [installed.python, "-c", "import famo, famo._version; print(famo.__file__)"],
         cwd=installed.workdir,
@@ -145,12 +144,12 @@ def test_the_readme_example_runs_from_the_installed_wheel(installed: Installed) 
     ).stdout.split()
     assert versions == [_version(), _version()]
     script = installed.workdir / "example.py"
-    script.write_text(_readme_python_block("A complete training loop"), encoding="utf-8")
+    script.write_text(_first_python_block(ROOT / "docs" / "getting-started.md"), encoding="utf-8")
     result = _run([installed.python, script], cwd=installed.workdir)
     weights = ast.literal_eval(
         result.stdout.strip().splitlines()[-1]
     )  # the example prints the weights
-    assert set(weights) == {"seg", "depth", "normal"}
+    assert set(weights) == {"famo/seg", "famo/depth", "famo/normal"}
     assert abs(sum(weights.values()) - 1.0) < 1e-5
     assert (installed.workdir / "checkpoint.pt").exists()
 

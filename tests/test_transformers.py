@@ -30,7 +30,6 @@ from famo.transformers import FAMOTrainer  # noqa: E402
 TASKS = ("a", "b", "c")
 BATCH = 4
 SCRIPTS = Path(__file__).resolve().parent / "_scripts"
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 class MultiTask(nn.Module):
@@ -358,7 +357,7 @@ def test_a_tiny_gpt2_with_missing_tasks_resumes_from_its_checkpoint(tmp_path: Pa
     assert {"famo/copy", "famo/reverse", "famo/sort"} <= straight_run.state.log_history[0].keys()
 
 
-# ---------------------------------------------------------------------- the README's example
+# ---------------------------------------------------------------------- the docs' example
 
 
 def test_the_readme_transformers_example_runs(
@@ -372,11 +371,6 @@ def test_the_readme_transformers_example_runs(
     saved = safetensors_torch.load_file(str(tmp_path / "famo-run/checkpoint-20/model.safetensors"))
     assert torch.equal(saved["famo.logits"], famo.logits)
     assert "{'famo/small': " in capsys.readouterr().out
-
-
-def test_the_readme_shows_the_tested_transformers_example() -> None:
-    script = (SCRIPTS / "readme_transformers.py").read_text(encoding="utf-8")
-    assert f"<!-- skip-test -->\n```python\n{script}```" in README.read_text(encoding="utf-8")
 
 
 def test_import_famo_does_not_import_transformers() -> None:
