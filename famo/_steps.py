@@ -140,27 +140,35 @@ def offset(famo: FAMOWeighting, compiling: bool | None = None) -> Tensor:
 
 
 def fast_loss(famo: FAMOWeighting, losses: Tensor) -> Tensor | None:
-    """``loss`` for the common call, eager: a 1-D tensor of the state's dtype and device, under
-    grad, one process, ``extra_forward=True``; None where anything else applies (the general
-    path then decides, with the same arithmetic)."""
+    """``loss`` for the common call, eager: one vector of losses of the state's dtype and device,
+    under grad, one process, every task, no schedule; None where anything else applies (the
+    general path then decides, with the same arithmetic)."""
     buffers, window = famo._buffers, famo._window
     logits = buffers["logits"]
     if (
-        losses.dim() != 1
+        F.is_compiling()
+        or losses.dim() != 1
         or losses.shape[0] != famo._num_tasks
         or losses.dtype != logits.dtype
         or not losses.requires_grad
         or losses.device != logits.device
         or torch._C._current_graph_task_id() != -1  # inside backward: maybe a replay
-        or F.is_compiling()
         or not window.current(buffers)
         or famo._group.active() is not None
     ):
         return None
     values = losses.data  # read only, never written: no autograd node, no ATen op
     log_d = torch.add(values, offset(famo, False)).log_()
+    pending = window.pending
+    learns = (
+        pending
+        and not famo._settings["extra_forward"]
+        and (famo._attachment is None or window.stepped)
+    )
     if famo._settings["validate"]:
-        famo._check_fast(values, log_d, accumulate=window.pending)
+        famo._check_fast(values, log_d, accumulate=pending and not learns)
+    if learns:  # extra_forward=False: this call's losses end the previous step
+        learn(famo, log_d, famo._adam)
     weights = torch.softmax(torch.sub(logits, log_d), dim=0)
     if window.pending:
         record(famo, values, log_d, None)
@@ -177,13 +185,14 @@ def fast_update(famo: FAMOWeighting, new_losses: Tensor) -> bool:
     buffers, window = famo._buffers, famo._window
     logits = buffers["logits"]
     if (
-        not window.pending
+        F.is_compiling()
+        or not window.pending
+        or not famo._settings["extra_forward"]
         or new_losses.dim() != 1
         or new_losses.shape[0] != famo._num_tasks
         or new_losses.dtype != logits.dtype
         or new_losses.device != logits.device
         or (famo._attachment is not None and not window.stepped)
-        or F.is_compiling()
         or not window.current(buffers)
         or famo._group.active() is not None
     ):

@@ -143,8 +143,7 @@ class FAMOWeighting(nn.Module):
         self._window = _steps.Window()
         # The common call's path: all tasks, no schedule, the published recipe (see _steps).
         self._fast = (
-            checked["extra_forward"]
-            and not checked["allow_missing_tasks"]
+            not checked["allow_missing_tasks"]
             and checked["warmup_steps"] == 0
             and checked["update_every"] == 1
         )
@@ -333,6 +332,10 @@ class FAMOWeighting(nn.Module):
                 return objective
         record = torch.is_grad_enabled() and not _steps.replaying()
         batch = self._read(losses, "losses", for_backward=record)
+        if self._fast and record and batch.present is None and batch.values is not losses:
+            objective = _steps.fast_loss(self, batch.values)  # a list or mapping, stacked
+            if objective is not None:
+                return objective
         if not record or (batch.values.is_meta and not self._buffers["logits"].is_meta):
             return self._evaluate(batch)  # (meta losses trace shapes: computed on copies)
         compiling = F.is_compiling()
@@ -443,6 +446,9 @@ class FAMOWeighting(nn.Module):
             )
         skip_tensor = check_skip(skip)
         batch = self._read(new_losses, "new_losses", for_backward=False)
+        fast = self._fast and skip is False and batch.present is None
+        if fast and batch.values is not new_losses and _steps.fast_update(self, batch.values):
+            return  # a list or mapping, stacked
         if skip is True or (self._attachment is not None and not self._window.stepped):
             _steps.clear(self)  # the step did not happen: nothing to learn from
             return
