@@ -15,7 +15,7 @@ key                  dtype      shape  meaning
 ``lower_bounds``     float64    (k,)   the bounds :math:`b`, exactly as given
 ``window_sum``       state      (k,)   sum of the losses recorded since the last logit step
 ``window_count``     state      (k,)   how many were recorded, per task (0: nothing pending)
-``window_stepped``   bool       ()     an attached optimizer stepped since they were recorded
+``window_stepped``   uint8      ()     1: an attached optimizer stepped since they were recorded
 ``warmup_count``     float32    ()     learning steps taken in warm-up
 ``block_count``      float32    ()     learning steps in the current block (``update_every``)
 ``block_sum``        state      (k,)   the block's sum of log-improvements, per task
@@ -26,10 +26,12 @@ key                  dtype      shape  meaning
 
 *state* is the module's dtype: float32, or float64 after ``.double()``; ``.half()`` and
 ``.bfloat16()`` move the state but never lower its precision, and the bounds stay float64
-(float32 on MPS, which has no float64). Hyper-parameters belong to the constructor and are not
-saved. :func:`save` writes copies, so editing a ``state_dict()`` in place never reaches the live
-object. :func:`load` checks a whole FAMO part before any of it is taken, sorts keys into torch's
-``missing_keys``/``unexpected_keys`` (so ``strict`` behaves as for any module), and migrates
+(float32 on MPS, which has no float64). The flag is uint8, not bool: tools that average a
+module's buffers (``AveragedModel(use_buffers=True)``) subtract them. Hyper-parameters belong
+to the constructor and are not saved. :func:`save` writes copies, so editing a ``state_dict()``
+in place never reaches the live object. :func:`load` checks a whole FAMO part before any of it
+is taken, sorts keys into torch's ``missing_keys``/``unexpected_keys`` (so ``strict`` behaves as
+for any module), and migrates
 layout 1 (famo 0.1: seven float tensors and ``_extra_state``) and layout 2 (famo 0.2: ``steps``,
 ``min_losses``, ``pending_*``, no schedule).
 """
@@ -139,7 +141,7 @@ def initial(
         "lower_bounds": bounds.to(device, bounds_dtype(device), copy=True),
         "window_sum": zeros(k),
         "window_count": zeros(k),
-        "window_stepped": zeros(dtype=torch.bool),
+        "window_stepped": zeros(dtype=torch.uint8),
         "warmup_count": zeros(dtype=torch.float32),
         "block_count": zeros(dtype=torch.float32),
         "block_sum": zeros(k),
@@ -273,7 +275,7 @@ def _migrated(ours: Mapping[str, Any], layout: tuple[str, ...]) -> dict[str, Any
         migrated["task_names_utf8"] = encode_task_names(
             tuple(names) if names else None, torch.device("cpu")
         )
-        migrated["window_stepped"] = torch.tensor(False)
+        migrated["window_stepped"] = torch.tensor(0, dtype=torch.uint8)
         del migrated["_extra_state"]
     logits = migrated["logits"]
     like = logits.detach() if isinstance(logits, Tensor) else torch.zeros(0)
@@ -332,7 +334,10 @@ def _checked(famo: FAMOWeighting, ours: Mapping[str, Any]) -> dict[str, Tensor]:
         target = torch.float32 if key in COUNTS else dtype
         if key == "lower_bounds":
             target = bounds_dtype(famo._buffers["logits"].device)
-        converted = value.detach().to(target)  # a float64 checkpoint may not fit float32 state
+        # A float64 checkpoint may not fit float32 state. (The tensor itself where nothing
+        # changes: `assign=True` makes the checkpoint's tensors the buffers.)
+        converted = value if value.dtype == target and not value.requires_grad else value.detach()
+        converted = converted.to(target)
         if not bool(torch.isfinite(converted).all()):
             raise ValueError(f"The checkpoint's `{key}` should be finite in {target}. It is not.")
         tensors[key] = converted
@@ -365,16 +370,28 @@ def _checked(famo: FAMOWeighting, ours: Mapping[str, Any]) -> dict[str, Tensor]:
     elif steps.dim() == 0:
         tensors["adam_step"] = steps.expand(k).clone()
     stepped = ours["window_stepped"]
-    if not (isinstance(stepped, Tensor) and stepped.numel() == 1 and stepped.dtype == torch.bool):
-        raise ValueError("The checkpoint's `window_stepped` should be a one-element bool tensor.")
+    flags = (torch.bool, torch.uint8)  # (bool up to layout 2)
+    if not (
+        isinstance(stepped, Tensor)
+        and stepped.numel() == 1
+        and stepped.dtype in flags
+        and int(stepped.item()) in (0, 1)
+    ):
+        raise ValueError(
+            "The checkpoint's `window_stepped` should be one element, 0 or 1 (uint8 or bool)."
+        )
     if bool(stepped) and not bool((tensors["window_count"] > 0).any()):
         raise ValueError(
             "The checkpoint's `window_stepped` is set with no losses pending: it was not "
             "written by FAMOWeighting."
         )
-    tensors["window_stepped"] = stepped.detach().reshape(()).clone()
-    tensors["task_names_utf8"] = encode_task_names(famo.task_names, torch.device("cpu"))
-    tensors["format_version"] = torch.tensor(FORMAT_VERSION)
+    if stepped.dtype != torch.uint8 or stepped.dim() != 0:
+        stepped = stepped.detach().reshape(()).to(torch.uint8)
+    tensors["window_stepped"] = stepped
+    tensors["task_names_utf8"] = encoded
+    if found_version != FORMAT_VERSION:  # migrated from an older layout
+        version = torch.tensor(FORMAT_VERSION)
+    tensors["format_version"] = version
     return tensors
 
 

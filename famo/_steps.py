@@ -116,7 +116,7 @@ def sync(famo: FAMOWeighting) -> None:
         # from rank 0): the values are those famo already knows.
         window.note(buffers)
         return
-    window.derive(buffers)  # replaced or edited from outside: read them again (one sync)
+    famo._state_replaced()  # replaced or edited from outside: read them again (one sync)
 
 
 def offset(famo: FAMOWeighting, compiling: bool | None = None) -> Tensor:
@@ -211,9 +211,9 @@ def fast_update(famo: FAMOWeighting, new_losses: Tensor) -> bool:
 def record(famo: FAMOWeighting, values: Tensor, log_d: Tensor, mask: Tensor | None) -> None:
     """Add one call's losses (and their log-distance) to the window."""
     buffers, window = famo._buffers, famo._window
-    compiling = F.is_compiling()
+    compiling = F.is_compiling()  # then no fact is read: one graph whatever the window holds
     # Never in place: a window buffer may be a shared zero, or the caller's own loss values.
-    if not window.pending and mask is None and not compiling:
+    if not compiling and not window.pending and mask is None:
         buffers["window_sum"] = values  # by reference: a fresh (or detached) tensor
         buffers["window_count"] = famo._constants["one"]
         window.calls, window.lone_log = 1, log_d
@@ -221,11 +221,13 @@ def record(famo: FAMOWeighting, values: Tensor, log_d: Tensor, mask: Tensor | No
         present = 1.0 if mask is None else mask.to(values.dtype)
         buffers["window_sum"] = buffers["window_sum"] + values
         buffers["window_count"] = buffers["window_count"] + present
-        calls = window.calls
-        window.calls = calls + 1 if calls is not None and not compiling else None
+        if compiling:
+            window.calls = None
+        elif window.calls is not None:
+            window.calls += 1
         window.lone_log = None
     window.pending = True
-    window.note(buffers)
+    window.note(buffers, compiling)
 
 
 def clear(famo: FAMOWeighting, compiling: bool | None = None) -> None:
@@ -249,12 +251,14 @@ def mark_stepped(famo: FAMOWeighting) -> None:
 
 def window_log_distance(famo: FAMOWeighting, offset: Tensor) -> Tensor:
     """log D of the window's mean losses (0 for tasks it does not hold)."""
-    window, buffers = famo._window, famo._buffers
-    if window.lone_log is not None:
-        return window.lone_log
+    buffers = famo._buffers
     total, count = buffers["window_sum"], buffers["window_count"]
-    if window.calls and not famo.allow_missing_tasks and not F.is_compiling():
-        return torch.add(offset, total, alpha=1.0 / window.calls).log_()
+    if not F.is_compiling():  # (compiled: nothing read from Python, one graph for any window)
+        window = famo._window
+        if window.lone_log is not None:
+            return window.lone_log
+        if window.calls and not famo._settings["allow_missing_tasks"]:
+            return torch.add(offset, total, alpha=1.0 / window.calls).log_()
     present = count > 0
     return torch.where(present, total / count.clamp_min(1.0) + offset, 1.0).log_()
 
@@ -358,7 +362,7 @@ def ready_tensor(famo: FAMOWeighting) -> Tensor:
     pending = (famo._buffers["window_count"] > 0).any()
     if famo._attachment is None:
         return pending
-    return pending & famo._buffers["window_stepped"]
+    return pending & famo._buffers["window_stepped"].bool()
 
 
 def replaying() -> bool:

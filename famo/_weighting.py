@@ -678,8 +678,8 @@ class FAMOWeighting(nn.Module):
             "zero_sum": torch.zeros_like(logits),
             "zero_count": torch.zeros_like(logits),
             "one": torch.ones_like(logits),
-            "false": torch.zeros((), dtype=torch.bool, device=logits.device),
-            "true": torch.ones((), dtype=torch.bool, device=logits.device),
+            "false": torch.zeros((), dtype=torch.uint8, device=logits.device),
+            "true": torch.ones((), dtype=torch.uint8, device=logits.device),
         }
         self._offset_key = None
         window = self._window
@@ -704,8 +704,9 @@ class FAMOWeighting(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> FAMOWeighting:
         """``.to()``, ``.double()``, ``to_empty()``: see :func:`famo._checkpoint.convert`."""
+        known = self._window.current(self._buffers)  # or replaced by a tool since famo's call
         self._buffers.update(_checkpoint.convert(self._buffers, fn))
-        self._state_replaced(derive=False)
+        self._state_replaced(derive=not known)
         return self
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
