@@ -65,6 +65,11 @@ class Group:
             and dist.get_world_size() > 1
         )
 
+    @staticmethod
+    def rank() -> int:
+        """This process's rank, or -1 where torch.distributed is not initialised."""
+        return int(dist.get_rank()) if _AVAILABLE and dist.is_initialized() else -1
+
 
 def all_reduce_sum_(tensor: Tensor, group: Any) -> Tensor:
     """Sum ``tensor`` over the ranks of ``group`` in place (every backend supports SUM)."""

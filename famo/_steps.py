@@ -98,17 +98,8 @@ class Window:
 def sync(famo: FAMOWeighting) -> None:
     """Make the Python facts agree with the buffers before an eager call relies on them."""
     buffers, window = famo._buffers, famo._window
-    if famo._group.process_group is False and (
-        buffers["format_version"]._version != window.version_seen and famo._group.per_rank_in_many()
-    ):
-        raise RuntimeError(
-            "This FAMOWeighting keeps one state per rank (process_group=False), but its buffers "
-            "were overwritten in place from outside famo. DistributedDataParallel does that: it "
-            "broadcasts rank 0's buffers over every rank's. Wrap the model with "
-            "DistributedDataParallel(model, broadcast_buffers=False), or keep the "
-            "FAMOWeighting outside the DDP module, or use process_group=None (one state shared "
-            "by all ranks, which DDP's broadcast leaves as it is)."
-        )
+    if famo._group.process_group is False and famo._group.per_rank_in_many():
+        _check_own_state(famo)
     if window.current(buffers):
         return
     if window.same_tensors(buffers) and famo._group.active() is not None:
@@ -117,6 +108,28 @@ def sync(famo: FAMOWeighting) -> None:
         window.note(buffers)
         return
     famo._state_replaced()  # replaced or edited from outside: read them again (one sync)
+
+
+def _check_own_state(famo: FAMOWeighting) -> None:
+    """One state per rank (``process_group=False``, several ranks): refuse if DDP's buffer
+    broadcast reached it. At construction DDP writes every buffer (``format_version``'s version
+    counter moves); before each forward it writes them keeping the version counters, which the
+    rank in ``rank_canary`` (a buffer, not saved) shows: it holds rank 0's afterwards."""
+    buffers, rank = famo._buffers, famo._group.rank()
+    canary = buffers["rank_canary"]
+    found = int(canary.item())
+    if found == -1:  # created before torch.distributed was initialised
+        buffers["rank_canary"] = torch.tensor(rank, device=canary.device)
+    moved = buffers["format_version"]._version != famo._window.version_seen
+    if moved or found not in (-1, rank):
+        raise RuntimeError(
+            "This FAMOWeighting keeps one state per rank (process_group=False), but "
+            "DistributedDataParallel broadcast rank 0's buffers over this rank's: FAMO's state "
+            "is buffers. Wrap the model with DistributedDataParallel(model, "
+            "broadcast_buffers=False), or keep the FAMOWeighting outside the DDP module, or use "
+            "process_group=None (one state shared by all ranks, which the broadcast leaves as "
+            "it is)."
+        )
 
 
 def offset(famo: FAMOWeighting, compiling: bool | None = None) -> Tensor:
@@ -155,6 +168,7 @@ def fast_loss(famo: FAMOWeighting, losses: Tensor) -> Tensor | None:
         or torch._C._current_graph_task_id() != -1  # inside backward: maybe a replay
         or not window.current(buffers)
         or famo._group.active() is not None
+        or famo._group.per_rank_in_many()
     ):
         return None
     values = losses.data  # read only, never written: no autograd node, no ATen op
@@ -195,6 +209,7 @@ def fast_update(famo: FAMOWeighting, new_losses: Tensor) -> bool:
         or (famo._attachment is not None and not window.stepped)
         or not window.current(buffers)
         or famo._group.active() is not None
+        or famo._group.per_rank_in_many()
     ):
         return False
     values = new_losses.data if new_losses.requires_grad else new_losses

@@ -159,6 +159,9 @@ class FAMOWeighting(nn.Module):
         )
         for key, tensor in initial.items():
             self.register_buffer(key, tensor)
+        if process_group is False:  # one state per rank: see _steps._check_own_state
+            canary = torch.tensor(self._group.rank(), device=state_device)
+            self.register_buffer("rank_canary", canary, persistent=False)
         self._state_replaced()
 
     __init__.__doc__ = (
