@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from famo._steps import mark_stepped
+from famo._window import mark_stepped
 
 if TYPE_CHECKING:
     from famo._weighting import FAMOWeighting

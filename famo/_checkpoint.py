@@ -151,6 +151,37 @@ def initial(
     }
 
 
+def register(famo: FAMOWeighting, bounds: Tensor, device: torch.device, dtype: torch.dtype) -> None:
+    """A new object's buffers (and, for one state per rank, ``rank_canary``, not saved)."""
+    per_task = famo._settings["allow_missing_tasks"]
+    tensors = initial(
+        famo.num_tasks, famo.task_names, bounds, per_task_steps=per_task, device=device, dtype=dtype
+    )
+    for key, tensor in tensors.items():
+        famo.register_buffer(key, tensor)
+    if famo._settings["process_group"] is False:  # see famo._window._check_own_state
+        canary = torch.tensor(famo._group.rank(), device=device)
+        famo.register_buffer("rank_canary", canary, persistent=False)
+    famo._state_replaced()
+
+
+def reset(famo: FAMOWeighting, bounds: Tensor) -> None:
+    """A fresh state with these bounds, on the object's device and in its dtype."""
+    logits = famo._buffers["logits"]
+    per_task = famo._settings["allow_missing_tasks"]
+    famo._buffers.update(
+        initial(
+            famo.num_tasks,
+            famo.task_names,
+            bounds,
+            per_task_steps=per_task,
+            device=logits.device,
+            dtype=logits.dtype,
+        )
+    )
+    famo._state_replaced()
+
+
 # ---------------------------------------------------------------------------------- writing
 
 
@@ -209,6 +240,14 @@ def convert(buffers: Mapping[str, Tensor], fn: Callable[[Tensor], Tensor]) -> di
     return converted
 
 
+def move(famo: FAMOWeighting, fn: Callable[[Tensor], Tensor]) -> None:
+    """``_apply`` of :class:`~famo.FAMOWeighting`: :func:`convert`, then the facts go along
+    (or are read again, where a tool replaced the buffers since famo's last call)."""
+    known = famo._window.current(famo._buffers)
+    famo._buffers.update(convert(famo._buffers, fn))
+    famo._state_replaced(derive=not known)
+
+
 # ---------------------------------------------------------------------------------- loading
 
 
@@ -216,12 +255,18 @@ def load(
     famo: FAMOWeighting,
     state_dict: Mapping[str, Any],
     prefix: str,
-    assign: bool,
+    local_metadata: Mapping[str, Any],
+    strict: bool,
     missing_keys: list[str],
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    """``_load_from_state_dict`` of :class:`~famo.FAMOWeighting`: check all, then take all."""
+    """``_load_from_state_dict`` of :class:`~famo.FAMOWeighting`: check all, then take all.
+
+    (torch passes ``strict=True`` here whatever the caller asked; the keys reported decide.)
+    ``assign=True`` makes the checkpoint's tensors the buffers.
+    """
+    assign = bool(local_metadata.get("assign_to_params_buffers", False))
     ours = {
         key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)
     }

@@ -1,15 +1,8 @@
-r"""The bookkeeping of a training step: the window of recorded losses and the logit step.
-
-The buffers (see :mod:`famo._checkpoint`) are the state. :class:`Window` holds what famo knows
-about them in Python (whether losses are waiting, how many calls recorded them, whether an
-attached optimizer stepped, the log-distance of a lone call), so that an eager step decides
-without asking the device. The facts carry the identity and version of the buffers they come
-from; when a tool replaces or rewrites a buffer (a checkpoint loader, ``functional_call``, an
-in-place edit), :func:`sync` derives them again from the tensors.
+r"""A training step: the fast path, the checked path, and the logit step.
 
 Two ways to take a logit step, with the same arithmetic from :mod:`famo.functional`:
 
-* :func:`learn` on the eager fast path (no task missing, no warm-up, ``update_every=1``);
+* :func:`learn` on the eager fast path (every task, no warm-up, ``update_every=1``);
 * :func:`learn_scheduled` with every decision as a tensor (the learning schedule, missing
   tasks, a tensor ``skip``, ``torch.compile``): one graph whatever the window or the step.
 
@@ -25,128 +18,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from famo import _losses as L
+from famo import _window as W
 from famo import functional as F
+from famo._losses import LossVector
+from famo._settings import check_skip
 
 if TYPE_CHECKING:
     from famo._weighting import FAMOWeighting
-
-
-class Window:
-    """What famo knows in Python about the losses recorded since the last logit step."""
-
-    def __init__(self) -> None:
-        self.pending = False  # some loss is recorded (window_count > 0 somewhere)
-        self.stepped = False  # window_stepped
-        self.calls: int | None = 0  # recording calls in the window; None: not known in Python
-        self.lone_log: Tensor | None = None  # log D of the window's only call
-        self.seen: tuple[Any, ...] = ()  # (tensor, version) of each buffer the facts come from
-        self.version_seen = 0  # format_version's version: nothing outside famo writes it
-
-    def note(self, buffers: dict[str, Tensor], compiling: bool | None = None) -> None:
-        """The buffers as famo itself just left them."""
-        if F.is_compiling() if compiling is None else compiling:
-            self.seen = ()  # versions are not traced: the next eager call reads the facts again
-            return
-        total, count, stepped = (
-            buffers["window_sum"],
-            buffers["window_count"],
-            buffers["window_stepped"],
-        )
-        self.seen = (total, total._version, count, count._version, stepped, stepped._version)
-
-    def current(self, buffers: dict[str, Tensor]) -> bool:
-        """Whether the buffers are as famo left them (same tensors, not written since)."""
-        seen = self.seen
-        if not seen:
-            return False
-        total, count, stepped = (
-            buffers["window_sum"],
-            buffers["window_count"],
-            buffers["window_stepped"],
-        )
-        return (
-            total is seen[0]
-            and count is seen[2]
-            and stepped is seen[4]
-            and total._version == seen[1]
-            and count._version == seen[3]
-            and stepped._version == seen[5]
-        )
-
-    def same_tensors(self, buffers: dict[str, Tensor]) -> bool:
-        seen = self.seen
-        return bool(seen) and (
-            buffers["window_sum"] is seen[0]
-            and buffers["window_count"] is seen[2]
-            and buffers["window_stepped"] is seen[4]
-        )
-
-    def derive(self, buffers: dict[str, Tensor]) -> None:
-        """The facts from the tensors (one host synchronisation)."""
-        count = buffers["window_count"]
-        self.pending = bool((count > 0).any()) if count.device.type != "meta" else False
-        stepped = buffers["window_stepped"]
-        self.stepped = bool(stepped) if stepped.device.type != "meta" else False
-        if self.pending and bool((count == count[0]).all()):
-            self.calls = int(count[0].item())
-        else:
-            self.calls = 0 if not self.pending else None
-        self.lone_log = None
-        self.note(buffers)
-
-
-def sync(famo: FAMOWeighting) -> None:
-    """Make the Python facts agree with the buffers before an eager call relies on them."""
-    buffers, window = famo._buffers, famo._window
-    if famo._group.process_group is False and famo._group.per_rank_in_many():
-        _check_own_state(famo)
-    if window.current(buffers):
-        return
-    if window.same_tensors(buffers) and famo._group.active() is not None:
-        # Rewritten in place while every rank holds the same state (DDP's buffer broadcast
-        # from rank 0): the values are those famo already knows.
-        window.note(buffers)
-        return
-    famo._state_replaced()  # replaced or edited from outside: read them again (one sync)
-
-
-def _check_own_state(famo: FAMOWeighting) -> None:
-    """One state per rank (``process_group=False``, several ranks): refuse if DDP's buffer
-    broadcast reached it. At construction DDP writes every buffer (``format_version``'s version
-    counter moves); before each forward it writes them keeping the version counters, which the
-    rank in ``rank_canary`` (a buffer, not saved) shows: it holds rank 0's afterwards."""
-    buffers, rank = famo._buffers, famo._group.rank()
-    canary = buffers["rank_canary"]
-    found = int(canary.item())
-    if found == -1:  # created before torch.distributed was initialised
-        buffers["rank_canary"] = torch.tensor(rank, device=canary.device)
-    moved = buffers["format_version"]._version != famo._window.version_seen
-    if moved or found not in (-1, rank):
-        raise RuntimeError(
-            "This FAMOWeighting keeps one state per rank (process_group=False), but "
-            "DistributedDataParallel broadcast rank 0's buffers over this rank's: FAMO's state "
-            "is buffers. Wrap the model with DistributedDataParallel(model, "
-            "broadcast_buffers=False), or keep the FAMOWeighting outside the DDP module, or use "
-            "process_group=None (one state shared by all ranks, which the broadcast leaves as "
-            "it is)."
-        )
-
-
-def offset(famo: FAMOWeighting, compiling: bool | None = None) -> Tensor:
-    r""":math:`\epsilon - b` in the state's dtype, recomputed when the bounds or ``eps`` change.
-
-    (A move to another dtype or device, and a load, start afresh: ``_state_replaced``.)
-    """
-    bounds = famo._buffers["lower_bounds"]
-    eps = famo._settings["eps"]
-    if F.is_compiling() if compiling is None else compiling:
-        return bounds.to(famo._buffers["logits"].dtype).neg().add_(eps)
-    key = famo._offset_key
-    if key is None or key[0] is not bounds or key[1] != bounds._version or key[2] != eps:
-        famo._offset = bounds.to(famo._buffers["logits"].dtype).neg().add_(eps)
-        famo._offset_key = (bounds, bounds._version, eps)
-        famo._window.lone_log = None  # computed with other bounds
-    return famo._offset
 
 
 # ---------------------------------------------------------------------------------- the fast path
@@ -172,7 +51,7 @@ def fast_loss(famo: FAMOWeighting, losses: Tensor) -> Tensor | None:
     ):
         return None
     values = losses.data  # read only, never written: no autograd node, no ATen op
-    log_d = torch.add(values, offset(famo, False)).log_()
+    log_d = torch.add(values, W.offset(famo, False)).log_()
     pending = window.pending
     learns = (
         pending
@@ -180,12 +59,12 @@ def fast_loss(famo: FAMOWeighting, losses: Tensor) -> Tensor | None:
         and (famo._attachment is None or window.stepped)
     )
     if famo._settings["validate"]:
-        famo._check_fast(values, log_d, accumulate=pending and not learns)
+        check_fast(famo, values, log_d, accumulate=pending and not learns)
     if learns:  # extra_forward=False: this call's losses end the previous step
         learn(famo, log_d, famo._adam)
     weights = torch.softmax(torch.sub(logits, log_d), dim=0)
     if window.pending:
-        record(famo, values, log_d, None)
+        W.record(famo, values, log_d, None)
     else:
         buffers["window_sum"] = values
         buffers["window_count"] = famo._constants["one"]
@@ -213,72 +92,206 @@ def fast_update(famo: FAMOWeighting, new_losses: Tensor) -> bool:
     ):
         return False
     values = new_losses.data if new_losses.requires_grad else new_losses
-    after = torch.add(values, offset(famo, False)).log_()
+    after = torch.add(values, W.offset(famo, False)).log_()
     if famo._settings["validate"]:
-        famo._check_fast(values, after, param="new_losses")
+        check_fast(famo, values, after, param="new_losses")
     learn(famo, after, famo._adam)
     return True
 
 
-# ---------------------------------------------------------------------------------- recording
+# ---------------------------------------------------------------------------------- the calls
 
 
-def record(famo: FAMOWeighting, values: Tensor, log_d: Tensor, mask: Tensor | None) -> None:
-    """Add one call's losses (and their log-distance) to the window."""
-    buffers, window = famo._buffers, famo._window
-    compiling = F.is_compiling()  # then no fact is read: one graph whatever the window holds
-    # Never in place: a window buffer may be a shared zero, or the caller's own loss values.
-    if not compiling and not window.pending and mask is None:
-        buffers["window_sum"] = values  # by reference: a fresh (or detached) tensor
-        buffers["window_count"] = famo._constants["one"]
-        window.calls, window.lone_log = 1, log_d
-    else:
-        present = 1.0 if mask is None else mask.to(values.dtype)
-        buffers["window_sum"] = buffers["window_sum"] + values
-        buffers["window_count"] = buffers["window_count"] + present
-        if compiling:
-            window.calls = None
-        elif window.calls is not None:
-            window.calls += 1
-        window.lone_log = None
-    window.pending = True
-    window.note(buffers, compiling)
-
-
-def clear(famo: FAMOWeighting, compiling: bool | None = None) -> None:
-    """Forget the window (consumed by a logit step, or dropped)."""
-    buffers, window, constants = famo._buffers, famo._window, famo._constants
-    buffers["window_sum"] = constants["zero_sum"]
-    buffers["window_count"] = constants["zero_count"]
-    buffers["window_stepped"] = constants["false"]
-    window.pending, window.stepped, window.calls, window.lone_log = False, False, 0, None
-    window.note(buffers, compiling)
-
-
-def mark_stepped(famo: FAMOWeighting) -> None:
-    """An attached optimizer really stepped: the window's losses were followed by a step."""
+def record_call(famo: FAMOWeighting, losses: Any) -> Tensor:
+    """``loss`` on the checked path: every form, tasks missing, several ranks, compiled."""
+    record = torch.is_grad_enabled() and not replaying()
+    batch = L.read(famo, losses, "losses", for_backward=record)
+    if famo._fast and record and batch.present is None and batch.values is not losses:
+        objective = fast_loss(famo, batch.values)  # a list or mapping, stacked
+        if objective is not None:
+            return objective
+    if not record or (batch.values.is_meta and not famo._buffers["logits"].is_meta):
+        return evaluate(famo, batch)  # (meta losses trace shapes: computed on copies)
+    compiling = F.is_compiling()
+    if not compiling:
+        W.sync(famo)
+    values, mask = L.values(famo, batch, follow=True)
+    log_d = F.log_distance(values, W.offset(famo), mask)
     window = famo._window
-    if window.pending and not window.stepped:
-        famo._buffers["window_stepped"] = famo._constants["true"]
-        window.stepped = True
-        window.note(famo._buffers)
+    if famo._settings["extra_forward"]:
+        learns = False
+    elif compiling:
+        learns = True  # decided by tensors in learn_any
+    else:
+        learns = window.pending and (famo._attachment is None or window.stepped)
+    if famo._settings["validate"]:
+        check(famo, batch, values, log_d, "losses", accumulate=not learns and window.pending)
+    if learns:
+        learn_any(famo, log_d, mask, None, values=values if compiling else None)
+    logits = minus_infinity_outside(famo._buffers["logits"], mask)
+    weights = F.weights_from_log_distance(logits, log_d)
+    if not (learns and compiling):
+        W.record(famo, values, log_d, mask)
+    return weighted_sum(batch, weights)
 
 
-def window_log_distance(famo: FAMOWeighting, offset: Tensor) -> Tensor:
-    """log D of the window's mean losses (0 for tasks it does not hold)."""
+def update_call(famo: FAMOWeighting, new_losses: Any, skip: Any) -> None:
+    """``update`` on the checked path (the caller checked the mode and that losses wait)."""
+    skip_tensor = check_skip(skip)
+    batch = L.read(famo, new_losses, "new_losses", for_backward=False)
+    fast = famo._fast and skip is False and batch.present is None
+    if fast and batch.values is not new_losses and fast_update(famo, batch.values):
+        return  # a list or mapping, stacked
+    if skip is True or (famo._attachment is not None and not famo._window.stepped):
+        W.clear(famo)  # the step did not happen: nothing to learn from
+        return
+    values, mask = L.values(famo, batch, follow=False)
+    after = F.log_distance(values, W.offset(famo), mask)
+    if famo._settings["validate"]:
+        check(famo, batch, values, after, "new_losses", accumulate=False)
+    go = None if skip_tensor is None else ~skip_tensor.to(after.device)
+    learn_any(famo, after, mask, go)
+
+
+def evaluate(famo: FAMOWeighting, batch: LossVector) -> Tensor:
+    """The weighted value of local losses, changing nothing (a validation batch)."""
+    values, mask = L.values(famo, batch, follow=None)
+    logits = famo._buffers["logits"]
+    offset = W.offset(famo)
+    if values.device != logits.device:
+        logits, offset = logits.to(values.device), offset.to(values.device)
+    log_d = F.log_distance(values, offset, mask)
+    if famo._settings["validate"]:
+        check(famo, batch, values, log_d, "losses", accumulate=False, local=True)
+    weights = F.weights_from_log_distance(minus_infinity_outside(logits, mask), log_d)
+    return weighted_sum(batch, weights)
+
+
+def weighted_sum(batch: LossVector, weights: Tensor) -> Tensor:
+    """Σ wᵢ ℓᵢ over the losses as given (their graph, their dtype promoted)."""
+    if batch.present is not None:
+        weights = torch.stack([weights[task] for task in batch.present])  # no index tensor
+    given = batch.values
+    return torch.dot(given if given.dtype == weights.dtype else given.to(weights.dtype), weights)
+
+
+def backward_call(famo: FAMOWeighting, losses: Any, kwargs: dict[str, Any]) -> None:
+    """``backward``: ``loss(losses).backward(**kwargs)``; a backward pass that raises (out of
+    memory, a freed graph) leaves nothing of this call recorded, so the step can be retried."""
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            "`backward` should run with autograd enabled: FAMO's loss is backpropagated "
+            "into the model. Found it called inside torch.no_grad() or "
+            "torch.inference_mode(). Call it outside that block; only `update` (with the "
+            "losses recomputed after the step) belongs under no_grad."
+        )
+    window, buffers = famo._window, famo._buffers
+    learns = False  # whether this call takes the pending logit step (extra_forward=False)
+    if not famo._settings["extra_forward"]:
+        W.sync(famo)
+        learns = window.pending and (famo._attachment is None or window.stepped)
+    before = {"window_sum": buffers["window_sum"], "window_count": buffers["window_count"]}
+    objective = famo.loss(losses)
+    try:
+        objective.backward(**kwargs)  # type: ignore[no-untyped-call]
+    except BaseException:
+        # No optimizer step follows a failed backward pass: forget what this call recorded, so
+        # that a retry is not averaged with it. (A logit step it took stands.)
+        if learns:
+            W.clear(famo)
+        else:
+            buffers.update(before)
+            window.derive(buffers)
+        raise
+
+
+def adam_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The logits' Adam options as :func:`famo.functional.adam_step_` takes them."""
+    return {
+        "lr": settings["lr"],
+        "gamma": settings["gamma"],
+        "betas": settings["betas"],
+        "eps": settings["adam_eps"],
+    }
+
+
+def check(
+    famo: FAMOWeighting,
+    batch: LossVector,
+    values: Tensor,
+    log_d: Tensor,
+    param: str,
+    *,
+    accumulate: bool,
+    local: bool = False,
+) -> None:
+    """:func:`check_values` with the object's bounds and window (``local``: not averaged)."""
     buffers = famo._buffers
-    total, count = buffers["window_sum"], buffers["window_count"]
-    if not F.is_compiling():  # (compiled: nothing read from Python, one graph for any window)
-        window = famo._window
-        if window.lone_log is not None:
-            return window.lone_log
-        if window.calls and not famo._settings["allow_missing_tasks"]:
-            return torch.add(offset, total, alpha=1.0 / window.calls).log_()
-    present = count > 0
-    return torch.where(present, total / count.clamp_min(1.0) + offset, 1.0).log_()
+    L.check_values(
+        batch,
+        values,
+        log_d,
+        offset=W.offset(famo).to(values.device),
+        bounds=buffers["lower_bounds"].to(values.device),
+        recorded=buffers["window_sum"] if accumulate else None,
+        param=param,
+        eps=famo._settings["eps"],
+        names=famo._task_names,
+        across_ranks=not local and famo._group.active() is not None,
+    )
+
+
+def check_fast(
+    famo: FAMOWeighting,
+    values: Tensor,
+    log_d: Tensor,
+    *,
+    accumulate: bool = False,
+    param: str = "losses",
+) -> None:
+    check(famo, L.LossVector(values, None), values, log_d, param, accumulate=accumulate)
+
+
+def fused(famo: FAMOWeighting, device: torch.device, compiling: bool | None = None) -> bool:
+    """:func:`famo.functional.use_fused_adam`, asked again only when its inputs change."""
+    if F.is_compiling() if compiling is None else compiling:
+        return False
+    key = (device, torch.get_num_threads())
+    if key != famo._fused_key:
+        famo._fused_now, famo._fused_key = F.use_fused_adam(device), key
+    return famo._fused_now
 
 
 # ---------------------------------------------------------------------------------- learning
+
+
+def learn_any(
+    famo: FAMOWeighting,
+    after: Tensor,
+    mask: Tensor | None,
+    go: Tensor | None,
+    *,
+    values: Tensor | None = None,
+) -> None:
+    """The logit step from the window to ``after``: the fast one where it applies, else the
+    scheduled one. ``values`` (``extra_forward=False``, compiled): the call's losses, which open
+    the next window where the step is taken and join the current one where it is not."""
+    adam = famo._adam
+    settings = famo._settings
+    compiling = F.is_compiling()
+    simple = settings["warmup_steps"] == 0 and settings["update_every"] == 1
+    plain = go is None and mask is None and not settings["allow_missing_tasks"]
+    if plain and simple and not compiling:
+        learn(famo, after, adam)
+        return
+    if values is not None and compiling:
+        ready = ready_tensor(famo)
+        go = ready if go is None else go & ready
+        learn_scheduled(famo, after, mask, go, adam)
+        consume_if(famo, ready, values, mask)
+        return
+    learn_scheduled(famo, after, mask, go, adam)
+    W.clear(famo)
 
 
 def learn(famo: FAMOWeighting, after: Tensor, adam: dict[str, Any]) -> None:
@@ -286,14 +299,14 @@ def learn(famo: FAMOWeighting, after: Tensor, adam: dict[str, Any]) -> None:
     buffers = famo._buffers
     logits = buffers["logits"]
     lone = famo._window.lone_log
-    before = lone if lone is not None else window_log_distance(famo, offset(famo, False))
+    before = lone if lone is not None else W.window_log_distance(famo, W.offset(famo, False))
     grad = F.logit_gradient(logits, torch.sub(before, after))
     state = (logits, grad, buffers["exp_avg"], buffers["exp_avg_sq"], buffers["adam_step"])
-    if famo._fused(logits.device, False):
+    if fused(famo, logits.device, False):
         F._fused_adam_(*state, adam["lr"], adam["gamma"], adam["betas"], adam["eps"], None)
     else:
         F._single_tensor_adam_(*state, adam["lr"], adam["gamma"], adam["betas"], adam["eps"])
-    clear(famo, False)
+    W.clear(famo, False)
 
 
 def learn_scheduled(
@@ -313,7 +326,7 @@ def learn_scheduled(
     buffers = famo._buffers
     logits = buffers["logits"]
     count = buffers["window_count"]
-    before = window_log_distance(famo, offset(famo))
+    before = W.window_log_distance(famo, W.offset(famo))
     masked = famo.allow_missing_tasks
     mask = None
     if masked:
@@ -352,7 +365,7 @@ def learn_scheduled(
         buffers["exp_avg"],
         buffers["exp_avg_sq"],
         buffers["adam_step"],
-        fused=famo._fused(logits.device),
+        fused=fused(famo, logits.device),
         mask=mask if mask is not None else go,
         **adam,
     )

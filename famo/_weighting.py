@@ -8,18 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from famo import _checkpoint, _steps
+from famo import _checkpoint, _steps, _window
 from famo import functional as F
 from famo._attach import Attachment
 from famo._distributed import Group
-from famo._losses import LossVector, average_over_ranks, check_values, read_losses
 from famo._settings import (
     DEFAULTS,
     Setting,
     check_min_losses,
     check_options,
     check_representable,
-    check_skip,
     check_tasks,
     describe,
     param_docs,
@@ -90,6 +88,10 @@ class FAMOWeighting(nn.Module):
 
     # Every buffer holds a tensor (nn.Module allows None): the layout of famo._checkpoint.
     _buffers: dict[str, Tensor]  # type: ignore[assignment]
+    # Kept by famo._window: constant tensors for an empty window, and the offset ε − b.
+    _constants: dict[str, Tensor]
+    _offset: Tensor
+    _offset_key: tuple[Any, ...] | None
 
     lr = Setting[float]()
     gamma = Setting[float]()
@@ -137,32 +139,13 @@ class FAMOWeighting(nn.Module):
         self._initial_min_losses = bounds  # float64 on the CPU: what reset_parameters restores
         self._group = Group(process_group)
         self._attachment: Attachment | None = None
-        self._adam = self._build_adam()
-        self._offset_key: tuple[Any, ...] | None = None
-        self._offset = torch.empty(0)
-        self._window = _steps.Window()
-        # The common call's path: all tasks, no schedule, the published recipe (see _steps).
-        self._fast = (
-            not checked["allow_missing_tasks"]
-            and checked["warmup_steps"] == 0
-            and checked["update_every"] == 1
-        )
+        self._adam = _steps.adam_settings(checked)
+        # The common call's path: all tasks, no schedule (see famo._steps.fast_loss).
+        self._fast = not allow_missing_tasks and warmup_steps == 0 and update_every == 1
         self._fused_key: tuple[Any, ...] = ()
         self._fused_now = False
-        initial = _checkpoint.initial(
-            num_tasks,
-            names,
-            bounds,
-            per_task_steps=allow_missing_tasks,
-            device=state_device,
-            dtype=state_dtype,
-        )
-        for key, tensor in initial.items():
-            self.register_buffer(key, tensor)
-        if process_group is False:  # one state per rank: see _steps._check_own_state
-            canary = torch.tensor(self._group.rank(), device=state_device)
-            self.register_buffer("rank_canary", canary, persistent=False)
-        self._state_replaced()
+        self._window = _window.Window()
+        _checkpoint.register(self, bounds, state_device, state_dtype)
 
     __init__.__doc__ = (
         "Create the object; every option below is keyword-only.\n\n"
@@ -225,17 +208,7 @@ class FAMOWeighting(nn.Module):
 
     @min_losses.setter
     def min_losses(self, value: Any) -> None:
-        bounds = check_min_losses("min_losses", value, self._num_tasks)
-        check_representable("min_losses", float(bounds.abs().max()), self._buffers["logits"].dtype)
-        if self.pending:
-            raise RuntimeError(
-                "`min_losses` cannot change while losses are recorded and waiting for a logit "
-                "step: their log-distances used the old bounds. Call `update` (or `discard`) "
-                "first, then assign the new bounds."
-            )
-        device = self._buffers["logits"].device
-        self._buffers["lower_bounds"] = bounds.to(device, _checkpoint.bounds_dtype(device))
-        self._initial_min_losses = bounds
+        _window.assign_bounds(self, check_min_losses("min_losses", value, self._num_tasks))
 
     @property
     def steps(self) -> Tensor:
@@ -247,7 +220,7 @@ class FAMOWeighting(nn.Module):
     def pending(self) -> bool:
         """Whether losses are recorded and waiting for a logit step (or :meth:`discard`)."""
         if not F.is_compiling():
-            _steps.sync(self)
+            _window.sync(self)
         return self._window.pending
 
     @property
@@ -270,16 +243,7 @@ class FAMOWeighting(nn.Module):
         >>> famo.weights
         tensor([0.5000, 0.5000])
         """
-        fresh = _checkpoint.initial(
-            self._num_tasks,
-            self._task_names,
-            self._buffers["lower_bounds"],
-            per_task_steps=self.allow_missing_tasks,
-            device=self._buffers["logits"].device,
-            dtype=self._buffers["logits"].dtype,
-        )
-        self._buffers.update(fresh)
-        self._state_replaced()
+        _checkpoint.reset(self, self._buffers["lower_bounds"])
 
     def reset_parameters(self) -> None:
         """The constructor's state, bounds included (after ``to_empty``, for deferred init).
@@ -291,10 +255,7 @@ class FAMOWeighting(nn.Module):
         >>> famo.min_losses, famo.logits
         (tensor([ 0., -1.]), tensor([0., 0.]))
         """
-        device = self._buffers["logits"].device
-        bounds = self._initial_min_losses.to(device, _checkpoint.bounds_dtype(device))
-        self._buffers["lower_bounds"] = bounds
-        self.reset()
+        _checkpoint.reset(self, self._initial_min_losses)
 
     # ------------------------------------------------------------------ the training calls
 
@@ -333,36 +294,7 @@ class FAMOWeighting(nn.Module):
             objective = _steps.fast_loss(self, losses)
             if objective is not None:
                 return objective
-        record = torch.is_grad_enabled() and not _steps.replaying()
-        batch = self._read(losses, "losses", for_backward=record)
-        if self._fast and record and batch.present is None and batch.values is not losses:
-            objective = _steps.fast_loss(self, batch.values)  # a list or mapping, stacked
-            if objective is not None:
-                return objective
-        if not record or (batch.values.is_meta and not self._buffers["logits"].is_meta):
-            return self._evaluate(batch)  # (meta losses trace shapes: computed on copies)
-        compiling = F.is_compiling()
-        if not compiling:
-            _steps.sync(self)
-        values, mask = self._values(batch, follow=True)
-        log_d = F.log_distance(values, _steps.offset(self), mask)
-        window = self._window
-        if self._settings["extra_forward"]:
-            learn = False
-        elif compiling:
-            learn = True  # decided by tensors below
-        else:
-            learn = window.pending and (self._attachment is None or window.stepped)
-        if self._settings["validate"]:
-            accumulate = not learn and window.pending
-            self._check(batch, values, log_d, "losses", accumulate=accumulate)
-        if learn:
-            self._learn(log_d, mask, None, in_loss=True, values=values)
-        logits = _steps.minus_infinity_outside(self._buffers["logits"], mask)
-        weights = F.weights_from_log_distance(logits, log_d)
-        if not (learn and compiling):
-            _steps.record(self, values, log_d, mask)
-        return self._objective(batch, weights)
+        return _steps.record_call(self, losses)
 
     def backward(self, losses: Losses, **kwargs: Any) -> None:
         """Drop-in for ``losses.sum().backward(**kwargs)``; runs ``self.loss(losses).backward()``.
@@ -379,31 +311,7 @@ class FAMOWeighting(nn.Module):
         >>> head.weight.grad.shape
         torch.Size([3, 2])
         """
-        if not torch.is_grad_enabled():
-            raise RuntimeError(
-                "`backward` should run with autograd enabled: FAMO's loss is backpropagated "
-                "into the model. Found it called inside torch.no_grad() or "
-                "torch.inference_mode(). Call it outside that block; only `update` (with the "
-                "losses recomputed after the step) belongs under no_grad."
-            )
-        window, buffers = self._window, self._buffers
-        learns = False  # whether this call takes the pending logit step (extra_forward=False)
-        if not self._settings["extra_forward"]:
-            _steps.sync(self)
-            learns = window.pending and (self._attachment is None or window.stepped)
-        before = {"window_sum": buffers["window_sum"], "window_count": buffers["window_count"]}
-        objective = self.loss(losses)
-        try:
-            objective.backward(**kwargs)  # type: ignore[no-untyped-call]
-        except BaseException:
-            # No optimizer step follows a failed backward pass: forget what this call recorded,
-            # so that a retry is not averaged with it. (A logit step it took stands.)
-            if learns:
-                _steps.clear(self)
-            else:
-                self._buffers.update(before)
-                window.derive(self._buffers)
-            raise
+        _steps.backward_call(self, losses, kwargs)
 
     def update(self, new_losses: Any, *, skip: bool | Tensor = False) -> None:
         r"""The logit step from how much each loss fell since :meth:`loss` (a learning step).
@@ -447,20 +355,7 @@ class FAMOWeighting(nn.Module):
                 "`loss(losses)` before the optimizer step, then `update(new_losses)` once after "
                 "it; `update` consumes the recorded losses."
             )
-        skip_tensor = check_skip(skip)
-        batch = self._read(new_losses, "new_losses", for_backward=False)
-        fast = self._fast and skip is False and batch.present is None
-        if fast and batch.values is not new_losses and _steps.fast_update(self, batch.values):
-            return  # a list or mapping, stacked
-        if skip is True or (self._attachment is not None and not self._window.stepped):
-            _steps.clear(self)  # the step did not happen: nothing to learn from
-            return
-        values, mask = self._values(batch, follow=False)
-        after = F.log_distance(values, _steps.offset(self), mask)
-        if self._settings["validate"]:
-            self._check(batch, values, after, "new_losses", accumulate=False)
-        go = None if skip_tensor is None else ~skip_tensor.to(after.device)
-        self._learn(after, mask, go)
+        _steps.update_call(self, new_losses, skip)
 
     def discard(self) -> None:
         """Forget the recorded losses without learning from them (the step did not happen).
@@ -471,7 +366,7 @@ class FAMOWeighting(nn.Module):
         >>> famo.pending
         False
         """
-        _steps.clear(self)
+        _window.clear(self)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Attachment:
         """Learn on the optimizer's real steps, through ``register_step_post_hook``.
@@ -516,182 +411,16 @@ class FAMOWeighting(nn.Module):
         self._attachment = Attachment(optimizer, self)
         return self._attachment
 
-    # ------------------------------------------------------------------ the calls' steps
-
-    def _learn(
-        self,
-        after: Tensor,
-        mask: Tensor | None,
-        go: Tensor | None,
-        *,
-        in_loss: bool = False,
-        values: Tensor | None = None,
-    ) -> None:
-        adam = self._adam
-        settings = self._settings
-        simple = settings["warmup_steps"] == 0 and settings["update_every"] == 1
-        fast = go is None and mask is None and simple and not self.allow_missing_tasks
-        if fast and not F.is_compiling():
-            return _steps.learn(self, after, adam)
-        if in_loss and F.is_compiling():
-            ready = _steps.ready_tensor(self)
-            go = ready if go is None else go & ready
-            _steps.learn_scheduled(self, after, mask, go, adam)
-            assert values is not None
-            return _steps.consume_if(self, ready, values, mask)
-        _steps.learn_scheduled(self, after, mask, go, adam)
-        _steps.clear(self)
-        return None
-
-    def _evaluate(self, batch: LossVector) -> Tensor:
-        """The weighted value of local losses, changing nothing (a validation batch)."""
-        values, mask = self._values(batch, follow=None)
-        logits = self._buffers["logits"]
-        offset = _steps.offset(self)
-        if values.device != logits.device:
-            logits, offset = logits.to(values.device), offset.to(values.device)
-        log_d = F.log_distance(values, offset, mask)
-        if self._settings["validate"]:
-            self._check(batch, values, log_d, "losses", accumulate=False, local=True)
-        weights = F.weights_from_log_distance(_steps.minus_infinity_outside(logits, mask), log_d)
-        return self._objective(batch, weights)
-
-    @staticmethod
-    def _objective(batch: LossVector, weights: Tensor) -> Tensor:
-        if batch.present is not None:
-            weights = torch.stack([weights[task] for task in batch.present])  # no index tensor
-        given = batch.values
-        return torch.dot(
-            given if given.dtype == weights.dtype else given.to(weights.dtype), weights
-        )
-
-    def _read(self, losses: Any, param: str, *, for_backward: bool) -> LossVector:
-        batch = read_losses(
-            losses,
-            param=param,
-            num_tasks=self._num_tasks,
-            names=self._task_names,
-            allow_missing=self._settings["allow_missing_tasks"],
-            allow_rows=param == "new_losses",
-            allow_numbers=param == "new_losses",
-        )
-        if for_backward and not batch.values.requires_grad:
-            raise RuntimeError(
-                "`losses` should require grad: FAMO's loss is backpropagated into the model. "
-                "Found losses without autograd history. Was the forward pass run under "
-                "torch.no_grad() or torch.inference_mode(), were the losses detached (.detach(), "
-                ".item()), or are all the model's parameters frozen (requires_grad=False)? "
-                "Losses recomputed after the step go to `update`; for a validation batch, call "
-                "`loss` under torch.no_grad()."
-            )
-        return batch
-
-    def _values(self, batch: LossVector, *, follow: bool | None) -> tuple[Tensor, Tensor | None]:
-        """The loss values in the state's dtype and device; averaged over ranks when recording.
-
-        ``follow``: the state moves to the values' device (a recording ``loss``: the losses live
-        with the model); ``False``: the values move to the state's (``update``); ``None``:
-        nothing moves and no rank is asked (evaluation; the values stay where they are).
-        """
-        given = batch.values
-        if given.requires_grad:
-            given = given.data  # read only, never written: no autograd node, no ATen op
-        state = self._buffers["logits"]
-        if given.device != state.device and follow is not None:
-            if follow:
-                self.to(given.device)  # the state follows the losses (a copy, nothing changes)
-            elif given.device.type == "meta":
-                raise ValueError(
-                    "`new_losses` are on the meta device, which holds no values, but FAMO's "
-                    f"state is on {state.device}. Pass the losses recomputed after the step."
-                )
-            else:
-                given = given.to(state.device)
-        if given.dtype != state.dtype:
-            given = given.to(state.dtype)
-        group = self._group.active() if follow is not None else None
-        return average_over_ranks(
-            given,
-            batch.present,
-            group,
-            self._group.size,
-            num_tasks=self._num_tasks,
-            masked=self._settings["allow_missing_tasks"],
-        )
-
-    def _check_fast(
-        self, values: Tensor, log_d: Tensor, *, accumulate: bool = False, param: str = "losses"
-    ) -> None:
-        self._check(LossVector(values, None), values, log_d, param, accumulate=accumulate)
-
-    def _check(
-        self,
-        batch: LossVector,
-        values: Tensor,
-        log_d: Tensor,
-        param: str,
-        *,
-        accumulate: bool,
-        local: bool = False,
-    ) -> None:
-        buffers = self._buffers
-        check_values(
-            batch,
-            values,
-            log_d,
-            offset=_steps.offset(self).to(values.device),
-            bounds=buffers["lower_bounds"].to(values.device),
-            recorded=buffers["window_sum"] if accumulate else None,
-            param=param,
-            eps=self.eps,
-            names=self._task_names,
-            across_ranks=not local and self._group.active() is not None,
-        )
-
-    def _fused(self, device: torch.device, compiling: bool | None = None) -> bool:
-        """:func:`famo.functional.use_fused_adam`, asked again only when its inputs change."""
-        if F.is_compiling() if compiling is None else compiling:
-            return False
-        key = (device, torch.get_num_threads())
-        if key != self._fused_key:
-            self._fused_now, self._fused_key = F.use_fused_adam(device), key
-        return self._fused_now
-
-    def _build_adam(self) -> dict[str, Any]:
-        """The logits' Adam settings as :func:`famo.functional.adam_step_` takes them."""
-        settings = self._settings
-        self._adam = {
-            "lr": settings["lr"],
-            "gamma": settings["gamma"],
-            "betas": settings["betas"],
-            "eps": settings["adam_eps"],
-        }
-        return self._adam
+    # ------------------------------------------------------------------ internals
 
     def _setting_changed(self, name: str, value: Any) -> None:
         if name in ("lr", "gamma", "eps"):
             check_representable(name, value, self._buffers["logits"].dtype)
         self._settings[name] = value
-        self._adam = self._build_adam()
+        self._adam = _steps.adam_settings(self._settings)
 
     def _state_replaced(self, *, derive: bool = True) -> None:
-        """The buffers were set by famo (construction, a load, a move): facts and constants."""
-        logits = self._buffers["logits"]
-        self._constants = {
-            "zero_sum": torch.zeros_like(logits),
-            "zero_count": torch.zeros_like(logits),
-            "one": torch.ones_like(logits),
-            "false": torch.zeros((), dtype=torch.uint8, device=logits.device),
-            "true": torch.ones((), dtype=torch.uint8, device=logits.device),
-        }
-        self._offset_key = None
-        window = self._window
-        window.version_seen = self._buffers["format_version"]._version
-        if derive:
-            window.derive(self._buffers)
-        else:  # the same values, moved: the facts hold, but not a log-distance computed before
-            window.lone_log = None
-            window.note(self._buffers)
+        _window.state_replaced(self, derive=derive)
 
     # ------------------------------------------------------------------ what torch asks of a module
 
@@ -707,25 +436,14 @@ class FAMOWeighting(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> FAMOWeighting:
         """``.to()``, ``.double()``, ``to_empty()``: see :func:`famo._checkpoint.convert`."""
-        known = self._window.current(self._buffers)  # or replaced by a tool since famo's call
-        self._buffers.update(_checkpoint.convert(self._buffers, fn))
-        self._state_replaced(derive=not known)
+        _checkpoint.move(self, fn)
         return self
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         _checkpoint.save(self._buffers, destination, prefix, keep_vars)
 
     def _load_from_state_dict(
-        self,
-        state_dict: Mapping[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
+        self, state_dict: Mapping[str, Any], prefix: str, metadata: dict[str, Any], *args: Any
     ) -> None:
-        assign = bool(local_metadata.get("assign_to_params_buffers", False))
-        _checkpoint.load(
-            self, state_dict, prefix, assign, missing_keys, unexpected_keys, error_msgs
-        )
+        # (strict, missing_keys, unexpected_keys, error_msgs): torch's strict rules apply.
+        _checkpoint.load(self, state_dict, prefix, metadata, *args)

@@ -82,6 +82,7 @@ class FAMOCallback(pl.Callback):
         optimizer by other code.
 
     >>> import pytorch_lightning as pl
+    >>> import torch
     >>> from famo import FAMOWeighting
     >>> class TwoTasks(pl.LightningModule):
     ...     def __init__(self):
