@@ -42,6 +42,7 @@ myst_heading_anchors = 3
 myst_substitutions = facts()
 
 autodoc_member_order = "bysource"
+autoclass_content = "both"  # the constructor's :param list is generated on __init__
 autodoc_typehints = "signature"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False

@@ -14,6 +14,7 @@ import http.server
 import importlib
 import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -141,6 +142,16 @@ def test_the_api_reference_covers_every_public_name(site: Path) -> None:
     own = {n for cls in mro[: mro.index(torch.nn.Module)] for n in vars(cls)}
     for name in sorted(n for n in own - {"forward", "extra_repr"} if not n.startswith("_")):
         assert f"famo.FAMOWeighting.{name}" in ids, f"FAMOWeighting.{name} is not documented"
+
+
+def test_the_constructor_documents_every_option(site: Path) -> None:
+    """The ``:param`` list is generated from the options' records; it must reach the page."""
+    from famo._settings import OPTIONS
+
+    text = re.sub(r"<[^>]+>", "", (site / "api.html").read_text(encoding="utf-8"))
+    section = text.split("Create the object", 1)[1].split("Parameters", 1)[1][:20000]
+    for option in OPTIONS:
+        assert f"{option.name} –" in section, f"{option.name} is missing from the constructor"
 
 
 def test_internal_links_resolve(site: Path) -> None:
