@@ -66,10 +66,10 @@ def fast_loss(famo: FAMOWeighting, losses: Tensor) -> Tensor | None:
     if window.pending:
         W.record(famo, values, log_d, None)
     else:
-        buffers["window_sum"] = values
-        buffers["window_count"] = famo._constants["one"]
+        one, seen = famo._constants["one"], window.seen
+        buffers["window_sum"], buffers["window_count"] = values, one
         window.pending, window.calls, window.lone_log = True, 1, log_d
-        window.note(buffers, False)
+        window.seen = (values, values._version, one, 0, seen[4], seen[5])  # stepped: as it was
     return torch.dot(losses, weights)
 
 

@@ -90,6 +90,7 @@ class FAMOWeighting(nn.Module):
     _buffers: dict[str, Tensor]  # type: ignore[assignment]
     # Kept by famo._window: constant tensors for an empty window, and the offset ε − b.
     _constants: dict[str, Tensor]
+    _empty_seen: tuple[Any, ...]
     _offset: Tensor
     _offset_key: tuple[Any, ...] | None
 

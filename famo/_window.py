@@ -160,13 +160,15 @@ def state_replaced(famo: FAMOWeighting, *, derive: bool = True) -> None:
     """The buffers were set by famo (construction, a load, a move) or replaced by a tool: the
     constants, the offset and the facts start afresh."""
     logits = famo._buffers["logits"]
-    famo._constants = {
+    constants = famo._constants = {
         "zero_sum": torch.zeros_like(logits),
         "zero_count": torch.zeros_like(logits),
         "one": torch.ones_like(logits),
         "false": torch.zeros((), dtype=torch.uint8, device=logits.device),
         "true": torch.ones((), dtype=torch.uint8, device=logits.device),
     }
+    # What `note` would find after `clear` (a constant written in place since fails the check).
+    famo._empty_seen = (constants["zero_sum"], 0, constants["zero_count"], 0, constants["false"], 0)
     famo._offset_key = None
     window = famo._window
     window.version_seen = famo._buffers["format_version"]._version
@@ -206,7 +208,10 @@ def clear(famo: FAMOWeighting, compiling: bool | None = None) -> None:
     buffers["window_count"] = constants["zero_count"]
     buffers["window_stepped"] = constants["false"]
     window.pending, window.stepped, window.calls, window.lone_log = False, False, 0, None
-    window.note(buffers, compiling)
+    if F.is_compiling() if compiling is None else compiling:
+        window.seen = ()
+    else:
+        window.seen = famo._empty_seen
 
 
 def mark_stepped(famo: FAMOWeighting) -> None:
