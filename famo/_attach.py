@@ -3,7 +3,8 @@
 ``torch.optim.Optimizer.register_step_post_hook`` calls the hook after every ``step()`` that
 runs, and a step that does not happen calls nothing: ``GradScaler`` skips ``optimizer.step()``
 on inf/NaN gradients, and Accelerate skips it on accumulation micro-steps. So the hook only has
-to note that the losses recorded so far were followed by a real step.
+to note that the losses recorded so far were followed by a real step (one that can change the
+model: a step with every learning rate 0 does not count).
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ def innermost(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer  # type: ignore[no-any-return]
 
 
+def _changes_nothing(optimizer: torch.optim.Optimizer) -> bool:
+    """A step with every learning rate 0 leaves the model as it was: not a step to learn from.
+
+    (``torch.distributed.checkpoint`` runs one to create an optimizer's state before saving it,
+    and warm-up schedules may start at 0.)
+    """
+    rates = [group.get("lr") for group in optimizer.param_groups]
+    return all(isinstance(lr, (int, float)) and lr == 0 for lr in rates)
+
+
 class Attachment:
     """What :meth:`FAMOWeighting.attach <famo.FAMOWeighting.attach>` returns.
 
@@ -46,7 +57,8 @@ class Attachment:
 
     def __init__(self, optimizer: Any, famo: FAMOWeighting) -> None:
         def stepped(optimizer: Any, args: Any, kwargs: Any) -> None:
-            mark_stepped(famo)
+            if not _changes_nothing(optimizer):
+                mark_stepped(famo)
 
         self._handle = innermost(optimizer).register_step_post_hook(stepped)
         self._famo = famo

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any, Final
 import torch
 from torch import Tensor
 
+from famo._distributed import watch_per_rank
+
 if TYPE_CHECKING:
     from famo._weighting import FAMOWeighting
 
@@ -110,7 +112,10 @@ def encode_task_names(names: tuple[str, ...] | None, device: torch.device) -> Te
 def _decode_task_names(encoded: Tensor) -> list[str] | None:
     if encoded.numel() == 0:
         return None
-    return bytes(encoded.tolist()).decode().split("\x00")
+    try:
+        return bytes(encoded.tolist()).decode().split("\x00")
+    except UnicodeDecodeError:
+        raise ValueError("The checkpoint's `task_names_utf8` should be UTF-8. It is not.") from None
 
 
 # ---------------------------------------------------------------------------------- creating
@@ -162,6 +167,7 @@ def register(famo: FAMOWeighting, bounds: Tensor, device: torch.device, dtype: t
     if famo._settings["process_group"] is False:  # see famo._window._check_own_state
         canary = torch.tensor(famo._group.rank(), device=device)
         famo.register_buffer("rank_canary", canary, persistent=False)
+        watch_per_rank(famo)
     famo._state_replaced()
 
 
@@ -299,6 +305,33 @@ def load(
     famo._state_replaced()
 
 
+def adopt(famo: FAMOWeighting) -> None:
+    """Buffers that a tool replaced (a loader that sets tensors by key, ``functional_call``):
+    checked as a checkpoint is, and brought back to FAMO's dtypes (a loader may have cast them
+    to 16 bits), before famo computes with them.
+
+    :raises RuntimeError: they are not a FAMO state, as when a loader found no FAMO state in its
+        checkpoint and left uninitialised memory.
+    """
+    buffers = famo._buffers
+    dtype = buffers["logits"].dtype
+    dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    try:
+        tensors = _checked(famo, {key: buffers[key] for key in KEYS}, dtype)
+    except ValueError as error:
+        raise RuntimeError(
+            "FAMOWeighting's buffers were replaced from outside famo by values that are not a "
+            f"FAMO state: {error} A loader that found no FAMO state in its checkpoint (say "
+            "`from_pretrained` of a backbone saved without FAMO) leaves uninitialised memory "
+            "there: call `reset_parameters()` on the FAMOWeighting after loading, or load a "
+            "checkpoint that holds its state."
+        ) from None
+    for key, value in tensors.items():
+        current = buffers[key]
+        if value.dtype != current.dtype or value.shape != current.shape:
+            buffers[key] = value.to(current.device)
+
+
 def _migrated(ours: Mapping[str, Any], layout: tuple[str, ...]) -> dict[str, Any]:
     """Layouts 1 and 2 in layout 3's keys (the schedule of an older checkpoint is empty)."""
     if layout == KEYS:
@@ -332,10 +365,13 @@ def _migrated(ours: Mapping[str, Any], layout: tuple[str, ...]) -> dict[str, Any
     return migrated
 
 
-def _checked(famo: FAMOWeighting, ours: Mapping[str, Any]) -> dict[str, Tensor]:
-    """Every check of a layout-3 FAMO part; returns the tensors as the buffers will hold them."""
+def _checked(
+    famo: FAMOWeighting, ours: Mapping[str, Any], dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
+    """Every check of a layout-3 FAMO part; returns the tensors as the buffers will hold them
+    (the state in ``dtype``, by default the object's)."""
     k = famo.num_tasks
-    dtype = famo._buffers["logits"].dtype
+    dtype = famo._buffers["logits"].dtype if dtype is None else dtype
     version = ours["format_version"]
     if not (
         isinstance(version, Tensor) and version.numel() == 1 and not version.is_floating_point()

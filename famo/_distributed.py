@@ -12,12 +12,21 @@ rank may validate alone.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 _AVAILABLE = dist.is_available()
+
+PER_RANK_REFUSED = (
+    "This FAMOWeighting keeps one state per rank (process_group=False), but "
+    "DistributedDataParallel broadcasts rank 0's buffers over every rank's, and FAMO's state is "
+    "buffers. Wrap the model with DistributedDataParallel(model, broadcast_buffers=False), or "
+    "keep the FAMOWeighting outside the DDP module, or use process_group=None (one state shared "
+    "by all ranks, which the broadcast leaves as it is)."
+)
 
 
 class Group:
@@ -29,8 +38,10 @@ class Group:
 
     def __init__(self, process_group: Any) -> None:
         self.process_group = process_group
-        self._world: Any = None  # the default group the cached answer was computed for
-        self._active: Any = None
+        # The default group the cached size was computed for, held weakly: a group that famo
+        # kept alive after destroy_process_group() would keep gloo's threads running into the
+        # interpreter's exit.
+        self._world: weakref.ref[Any] | None = None
         self._size = 1
 
     def active(self) -> Any | None:
@@ -45,12 +56,13 @@ class Group:
                 )
             return None
         world = dist.group.WORLD
-        if world is not self._world:  # a new default group: resolve again
+        if self._world is None or self._world() is not world:  # a new default group
             group = world if self.process_group is None else self.process_group
             self._size = int(dist.get_world_size(group))
-            self._active = group if self._size > 1 else None
-            self._world = world
-        return self._active
+            self._world = weakref.ref(world)
+        if self._size == 1:
+            return None
+        return world if self.process_group is None else self.process_group
 
     @property
     def size(self) -> int:
@@ -79,3 +91,44 @@ def all_reduce_sum_(tensor: Tensor, group: Any) -> Tensor:
 
 def is_process_group(value: Any) -> bool:
     return isinstance(value, dist.ProcessGroup) if _AVAILABLE else False
+
+
+# ------------------------------------------------------------------------------ one state per rank
+# DDP broadcasts buffers before each forward keeping their version counters, and only the ranks
+# it overwrites could see it. Until a per-rank FAMOWeighting's first recording call, a hook on
+# every module's forward refuses, on every rank alike and before any collective, a DDP that is
+# about to broadcast over it. (Later, famo._window._check_own_state watches for it.)
+
+_WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_HOOK: Any = None
+
+
+def watch_per_rank(famo: nn.Module) -> None:
+    global _HOOK
+    if not (_AVAILABLE and dist.is_initialized() and dist.get_world_size() > 1):
+        return  # no DDP yet: the version counters and the rank canary will tell
+    _WATCHED.add(famo)
+    if _HOOK is None:
+        _HOOK = nn.modules.module.register_module_forward_pre_hook(_refuse_a_broadcast_over)
+
+
+def unwatch(famo: nn.Module) -> None:
+    global _HOOK
+    _WATCHED.discard(famo)
+    if not _WATCHED and _HOOK is not None:
+        _HOOK.remove()
+        _HOOK = None
+
+
+def _refuse_a_broadcast_over(module: nn.Module, args: Any) -> None:
+    if not _WATCHED or not isinstance(module, nn.parallel.DistributedDataParallel):
+        return
+    syncs = getattr(module, "forward_sync_buffers", getattr(module, "broadcast_buffers", True))
+    if not syncs:
+        return
+    ignored: set[str] = getattr(module, "parameters_to_ignore", set())
+    for name, sub in module.module.named_modules():
+        if sub in _WATCHED:
+            prefix = f"{name}." if name else ""
+            if any(prefix + key not in ignored for key in sub._buffers):
+                raise RuntimeError(PER_RANK_REFUSED)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from famo import functional as F
-from famo._checkpoint import bounds_dtype
+from famo._checkpoint import adopt, bounds_dtype
+from famo._distributed import PER_RANK_REFUSED, unwatch
 from famo._settings import check_representable
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ def sync(famo: FAMOWeighting) -> None:
     """Make the Python facts agree with the buffers before an eager call relies on them."""
     buffers, window = famo._buffers, famo._window
     if famo._group.process_group is False and famo._group.per_rank_in_many():
+        unwatch(famo)
         _check_own_state(famo)
     if window.current(buffers):
         return
@@ -100,7 +102,10 @@ def sync(famo: FAMOWeighting) -> None:
         # from rank 0): the values are those famo already knows.
         window.note(buffers)
         return
-    state_replaced(famo)  # replaced or edited from outside: read them again (one sync)
+    # Replaced or edited from outside: checked, then read again (host syncs, this once).
+    if not any(tensor.is_meta for tensor in buffers.values()):
+        adopt(famo)
+    state_replaced(famo)
 
 
 def _check_own_state(famo: FAMOWeighting) -> None:
@@ -115,14 +120,7 @@ def _check_own_state(famo: FAMOWeighting) -> None:
         buffers["rank_canary"] = torch.tensor(rank, device=canary.device)
     moved = buffers["format_version"]._version != famo._window.version_seen
     if moved or found not in (-1, rank):
-        raise RuntimeError(
-            "This FAMOWeighting keeps one state per rank (process_group=False), but "
-            "DistributedDataParallel broadcast rank 0's buffers over this rank's: FAMO's state "
-            "is buffers. Wrap the model with DistributedDataParallel(model, "
-            "broadcast_buffers=False), or keep the FAMOWeighting outside the DDP module, or use "
-            "process_group=None (one state shared by all ranks, which the broadcast leaves as "
-            "it is)."
-        )
+        raise RuntimeError(PER_RANK_REFUSED)
 
 
 def offset(famo: FAMOWeighting, compiling: bool | None = None) -> Tensor:
