@@ -15,6 +15,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from torch import Tensor, nn
 
 from famo import FAMOWeighting
+from tests._scripts.teardown import exit_worker
 
 TASKS = 3
 BATCH = 16  # per optimizer micro-step, over all processes
@@ -68,4 +69,4 @@ if __name__ == "__main__":
     torch.distributed.all_gather(gathered, famo.logits)
     if accelerator.is_main_process:
         torch.save({**results(model, famo), "logits_of_every_rank": gathered}, sys.argv[1])
-    accelerator.end_training()
+    exit_worker()  # not accelerator.end_training() and the interpreter's exit: see teardown.py

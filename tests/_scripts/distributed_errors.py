@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from famo import FAMOWeighting
+from tests._scripts.teardown import exit_worker
 
 F64 = torch.float64
 STEPS = 5
@@ -87,7 +88,7 @@ def main(out: str) -> None:
     dist.all_gather_object(gathered, results)
     if rank == 0:
         torch.save(gathered, out)
-    dist.destroy_process_group()
+    exit_worker()  # not destroy_process_group() and the interpreter's exit: see teardown.py
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from famo import FAMOWeighting
 from famo.lightning import FAMOCallback
+from tests._scripts.teardown import exit_worker
 
 TASKS = 3
 STEPS = 3
@@ -84,3 +85,4 @@ if __name__ == "__main__":
             },
             sys.argv[1],
         )
+    exit_worker()  # not the interpreter's own exit: see teardown.py

@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 
 from famo import FAMOWeighting
 from famo.transformers import FAMOTrainer
+from tests._scripts.teardown import exit_worker
 
 TASKS = 3
 GLOBAL_BATCH = 8
@@ -82,3 +83,4 @@ if __name__ == "__main__":
     torch.distributed.all_gather(gathered, model.famo.logits)
     if torch.distributed.get_rank() == 0:
         torch.save({**results(model), "logits_of_every_rank": gathered}, out)
+    exit_worker()  # not the interpreter's own exit: see teardown.py
