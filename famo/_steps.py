@@ -190,7 +190,7 @@ def backward_call(famo: FAMOWeighting, losses: Any, kwargs: dict[str, Any]) -> N
     if not famo._settings["extra_forward"]:
         W.sync(famo)
         learns = window.pending and (famo._attachment is None or window.stepped)
-    before = {"window_sum": buffers["window_sum"], "window_count": buffers["window_count"]}
+    before = (buffers["window_sum"], buffers["window_count"])
     objective = famo.loss(losses)
     try:
         objective.backward(**kwargs)  # type: ignore[no-untyped-call]
@@ -200,7 +200,7 @@ def backward_call(famo: FAMOWeighting, losses: Any, kwargs: dict[str, Any]) -> N
         if learns:
             W.clear(famo)
         else:
-            buffers.update(before)
+            buffers["window_sum"], buffers["window_count"] = before
             window.derive(buffers)
         raise
 
