@@ -141,11 +141,15 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"wrote {target}")
     if folder.resolve() == RESULTS_DIR.resolve():
         splice_into_readme(text)
-        splice_summary(summary_section(folder))
+        summary = summary_section(folder)
+        splice_summary(summary)
+        bullets = "\n".join(line for line in summary.splitlines() if line.startswith("- "))
+        splice_summary(bullets, PYPI)  # the package index: the same lines, no figure
     return target
 
 
 README = RESULTS_DIR.parent.parent / "README.md"
+PYPI = RESULTS_DIR.parent.parent / "PYPI.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
