@@ -37,6 +37,21 @@ def assert_same_state(famo: FAMOWeighting, before: dict[str, Any]) -> None:
             assert after[key] == value, key
 
 
+def assert_same_trajectory(
+    first: FAMOWeighting, second: FAMOWeighting, steps: list[tuple[list[float], list[float]]]
+) -> None:
+    """Both objects take the same steps, bit for bit: the weights on the losses, then their whole
+    state, their weights and their bounds after each update."""
+    assert_same_state(first, snapshot(second))
+    for before, after in steps:
+        assert torch.equal(loss_weights(first, before), loss_weights(second, before))
+        first.update(after)
+        second.update(after)
+        assert_same_state(first, snapshot(second))
+        assert torch.equal(first.weights, second.weights)
+        assert torch.equal(first.min_losses, second.min_losses)
+
+
 # A small float64 three-task model for the training-loop tests (accumulation, no extra forward).
 K = 3
 

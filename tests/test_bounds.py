@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from famo import FAMOWeighting
-from tests.helpers import assert_same_state, snapshot
+from tests.helpers import assert_same_state, assert_same_trajectory, loss_weights, snapshot
 
 F32, F64 = torch.float32, torch.float64
 NAMES = ["seg", "depth", "normal"]
@@ -46,25 +46,6 @@ def exact(given: Any, meant: list[float] | None) -> torch.Tensor:
     if meant is None:
         return given.detach().to(F64)  # type: ignore[no-any-return]
     return torch.tensor(meant, dtype=F64)
-
-
-def grads(famo: FAMOWeighting, losses: list[float]) -> torch.Tensor:
-    leaf = torch.tensor(losses, dtype=famo.logits.dtype, requires_grad=True)
-    famo.backward(leaf)
-    assert leaf.grad is not None
-    return leaf.grad
-
-
-def assert_same_trajectory(
-    first: FAMOWeighting, second: FAMOWeighting, steps: list[tuple[list[float], list[float]]]
-) -> None:
-    assert_same_state(first, snapshot(second))
-    for before, after in steps:
-        assert torch.equal(grads(first, before), grads(second, before))
-        first.update(after)
-        second.update(after)
-        assert_same_state(first, snapshot(second))
-        assert torch.equal(first.min_losses, second.min_losses)
 
 
 def round_trip(famo: FAMOWeighting, into: FAMOWeighting) -> FAMOWeighting:
@@ -98,7 +79,7 @@ def test_bounds_assigned_during_training_equal_bounds_loaded_from_a_checkpoint(
     """Only the bounds change; the rest of the run is the run of the edited checkpoint."""
     assigned = FAMOWeighting(NAMES, min_losses=FIRST, update_every=update_every, dtype=dtype)
     for before, after in STEPS[:2]:
-        grads(assigned, before)
+        loss_weights(assigned, before)
         assigned.update(after)
     checkpoint = assigned.state_dict()
     checkpoint["lower_bounds"] = exact(given, meant)
@@ -115,7 +96,7 @@ def test_bounds_assigned_during_training_equal_bounds_loaded_from_a_checkpoint(
 @pytest.mark.parametrize("extra_forward", [True, False])
 def test_bounds_cannot_change_while_losses_are_pending(extra_forward: bool) -> None:
     famo = FAMOWeighting(NAMES, min_losses=FIRST, extra_forward=extra_forward)
-    grads(famo, STEPS[0][0])
+    loss_weights(famo, STEPS[0][0])
     assert famo.pending
     before, bounds = snapshot(famo), famo.min_losses.clone()
     with pytest.raises(RuntimeError, match="min_losses") as refused:
@@ -152,7 +133,7 @@ def test_bad_bounds_are_refused_as_the_constructor_refuses_them_and_change_nothi
         FAMOWeighting(NAMES, min_losses=bad)
     famo = FAMOWeighting(NAMES, min_losses=FIRST)
     for before_losses, after_losses in STEPS[:2]:
-        grads(famo, before_losses)
+        loss_weights(famo, before_losses)
         famo.update(after_losses)
     before, bounds = snapshot(famo), famo.min_losses.clone()
     with pytest.raises(by_constructor.type) as by_assignment:
@@ -176,7 +157,7 @@ def test_the_bounds_property_is_a_copy_so_an_edit_of_it_is_never_half_applied(
     view.add_(0.25)
     assert edited.min_losses.tolist() == [0.0, 0.0]
     assert torch.equal(edited.state_dict()["lower_bounds"], torch.zeros(2, dtype=F64))
-    assert torch.equal(grads(edited, [1.0, 2.0]), grads(untouched, [1.0, 2.0]))
+    assert torch.equal(loss_weights(edited, [1.0, 2.0]), loss_weights(untouched, [1.0, 2.0]))
     edited.update([0.5, 1.9])
     untouched.update([0.5, 1.9])
     restored = round_trip(edited, FAMOWeighting(2, dtype=dtype))
@@ -210,7 +191,7 @@ def test_assigned_bounds_survive_a_checkpoint_bit_for_bit(dtype: torch.dtype) ->
     bounds = [0.1, -2 / 3, 1e-9]
     famo = FAMOWeighting(NAMES, min_losses=FIRST, dtype=dtype)
     for before, after in STEPS[:2]:
-        grads(famo, before)
+        loss_weights(famo, before)
         famo.update(after)
     famo.min_losses = bounds
     assert torch.equal(famo.state_dict()["lower_bounds"], torch.tensor(bounds, dtype=F64))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from famo import FAMOWeighting
-from tests.helpers import assert_same_state, snapshot
+from tests.helpers import assert_same_state, assert_same_trajectory, loss_weights, snapshot
 
 F32, F64 = torch.float32, torch.float64
 NAMES = ["seg", "depth", "normal"]
@@ -32,32 +32,13 @@ STEPS = [
 ]
 
 
-def grads(famo: FAMOWeighting, losses: list[float]) -> torch.Tensor:
-    leaf = torch.tensor(losses, dtype=famo.logits.dtype, requires_grad=True)
-    famo.backward(leaf)
-    assert leaf.grad is not None
-    return leaf.grad
-
-
-def assert_same_trajectory(
-    first: FAMOWeighting, second: FAMOWeighting, steps: list[tuple[list[float], list[float]]]
-) -> None:
-    """Both objects take the same steps, bit for bit: weights, and their whole state after each."""
-    for before, after in steps:
-        assert torch.equal(grads(first, before), grads(second, before))
-        first.update(after)
-        second.update(after)
-        assert_same_state(first, snapshot(second))
-        assert torch.equal(first.weights, second.weights)
-
-
 def with_history(**options: Any) -> FAMOWeighting:
     """Not at its initial state, and with losses pending: a refused call must keep all of it."""
     famo = FAMOWeighting(NAMES, min_losses=BOUNDS, **options)
     for before, after in STEPS[:2]:
-        grads(famo, before)
+        loss_weights(famo, before)
         famo.update(after)
-    grads(famo, STEPS[2][0])
+    loss_weights(famo, STEPS[2][0])
     return famo
 
 
@@ -160,7 +141,7 @@ def test_a_reassigned_hyper_parameter_behaves_as_if_built_with_it(name: str, dty
     assert_same_trajectory(assigned, built, STEPS[3:])
     # The value made a difference: the object that kept the default went elsewhere.
     for before, after in STEPS[3:]:
-        grads(unchanged, before)
+        loss_weights(unchanged, before)
         unchanged.update(after)
     assert not torch.equal(unchanged.logits, assigned.logits)
 
@@ -173,7 +154,7 @@ def test_a_hyper_parameter_reassigned_while_losses_are_pending_applies_to_their_
     waiting losses' log-distances are taken with the new ``eps`` too."""
     assigned = FAMOWeighting(NAMES, min_losses=BOUNDS, dtype=F64)
     assert_same_trajectory(assigned, FAMOWeighting(NAMES, min_losses=BOUNDS, dtype=F64), STEPS[:2])
-    grads(assigned, STEPS[2][0])  # pending
+    loss_weights(assigned, STEPS[2][0])  # pending
     setattr(assigned, name, NEW_VALUES[name])
     built = FAMOWeighting(NAMES, min_losses=BOUNDS, dtype=F64, **{name: NEW_VALUES[name]})
     built.load_state_dict(assigned.state_dict())
@@ -213,7 +194,7 @@ def test_the_defaults_are_lr_0_025_and_gamma_1e_3_in_behaviour_and_in_repr() -> 
     for other in ({"lr": 0.0275}, {"gamma": 1e-5}):
         trajectory = FAMOWeighting(NAMES, min_losses=BOUNDS, **other)
         for before, after in STEPS:
-            grads(trajectory, before)
+            loss_weights(trajectory, before)
             trajectory.update(after)
         assert not torch.equal(trajectory.logits, default.logits), other
     assert (default.lr, default.gamma) == (0.025, 1e-3)
