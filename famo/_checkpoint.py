@@ -122,47 +122,36 @@ def _decode_task_names(encoded: Tensor) -> list[str] | None:
 
 
 def initial(
-    num_tasks: int,
-    names: tuple[str, ...] | None,
-    bounds: Tensor,
-    *,
-    per_task_steps: bool,
-    device: torch.device,
-    dtype: torch.dtype,
+    famo: FAMOWeighting, bounds: Tensor, device: torch.device, dtype: torch.dtype
 ) -> dict[str, Tensor]:
     """The buffers of a fresh object (layout 3), in the order of :data:`KEYS`."""
 
     def zeros(*shape: int, dtype: torch.dtype = dtype) -> Tensor:
         return torch.zeros(shape, dtype=dtype, device=device)
 
-    k = num_tasks
+    k, counts = famo.num_tasks, torch.float32
+    per_task = famo._settings["allow_missing_tasks"]
     return {
         "logits": zeros(k),
         "exp_avg": zeros(k),
         "exp_avg_sq": zeros(k),
-        "adam_step": zeros(k, dtype=torch.float32)
-        if per_task_steps
-        else zeros(dtype=torch.float32),
+        "adam_step": zeros(k, dtype=counts) if per_task else zeros(dtype=counts),
         "lower_bounds": bounds.to(device, bounds_dtype(device), copy=True),
         "window_sum": zeros(k),
         "window_count": zeros(k),
         "window_stepped": zeros(dtype=torch.uint8),
-        "warmup_count": zeros(dtype=torch.float32),
-        "block_count": zeros(dtype=torch.float32),
+        "warmup_count": zeros(dtype=counts),
+        "block_count": zeros(dtype=counts),
         "block_sum": zeros(k),
         "block_tasks": zeros(k),
-        "task_names_utf8": encode_task_names(names, device),
+        "task_names_utf8": encode_task_names(famo.task_names, device),
         "format_version": torch.tensor(FORMAT_VERSION, device=device),
     }
 
 
 def register(famo: FAMOWeighting, bounds: Tensor, device: torch.device, dtype: torch.dtype) -> None:
     """A new object's buffers (and, for one state per rank, ``rank_canary``, not saved)."""
-    per_task = famo._settings["allow_missing_tasks"]
-    tensors = initial(
-        famo.num_tasks, famo.task_names, bounds, per_task_steps=per_task, device=device, dtype=dtype
-    )
-    for key, tensor in tensors.items():
+    for key, tensor in initial(famo, bounds, device, dtype).items():
         famo.register_buffer(key, tensor)
     if famo._settings["process_group"] is False:  # see famo._window._check_own_state
         canary = torch.tensor(famo._group.rank(), device=device)
@@ -174,17 +163,7 @@ def register(famo: FAMOWeighting, bounds: Tensor, device: torch.device, dtype: t
 def reset(famo: FAMOWeighting, bounds: Tensor) -> None:
     """A fresh state with these bounds, on the object's device and in its dtype."""
     logits = famo._buffers["logits"]
-    per_task = famo._settings["allow_missing_tasks"]
-    famo._buffers.update(
-        initial(
-            famo.num_tasks,
-            famo.task_names,
-            bounds,
-            per_task_steps=per_task,
-            device=logits.device,
-            dtype=logits.dtype,
-        )
-    )
+    famo._buffers.update(initial(famo, bounds, logits.device, logits.dtype))
     famo._state_replaced()
 
 
@@ -267,11 +246,8 @@ def load(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    """``_load_from_state_dict`` of :class:`~famo.FAMOWeighting`: check all, then take all.
-
-    (torch passes ``strict=True`` here whatever the caller asked; the keys reported decide.)
-    ``assign=True`` makes the checkpoint's tensors the buffers.
-    """
+    """``_load_from_state_dict``: check all, then take all (``assign=True``: the checkpoint's
+    tensors become the buffers). torch passes ``strict=True`` here; the keys reported decide."""
     assign = bool(local_metadata.get("assign_to_params_buffers", False))
     ours = {
         key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)
@@ -306,12 +282,10 @@ def load(
 
 
 def adopt(famo: FAMOWeighting) -> None:
-    """Buffers that a tool replaced (a loader that sets tensors by key, ``functional_call``):
-    checked as a checkpoint is, and brought back to FAMO's dtypes (a loader may have cast them
-    to 16 bits), before famo computes with them.
+    """Buffers that a tool replaced (a loader that sets tensors by key, ``functional_call``),
+    checked as a checkpoint is and brought back to FAMO's dtypes (a loader may cast to 16 bits).
 
-    :raises RuntimeError: they are not a FAMO state, as when a loader found no FAMO state in its
-        checkpoint and left uninitialised memory.
+    :raises RuntimeError: not a FAMO state (a loader that found none left uninitialised memory).
     """
     buffers = famo._buffers
     dtype = buffers["logits"].dtype
@@ -338,23 +312,18 @@ def _migrated(ours: Mapping[str, Any], layout: tuple[str, ...]) -> dict[str, Any
         return dict(ours)
     migrated = {_V2_RENAMED.get(key, key): value for key, value in ours.items()}
     if layout == _V1_KEYS:
-        extra = ours["_extra_state"]
+        extra = migrated.pop("_extra_state")
         if not isinstance(extra, Mapping) or extra.get("format_version") != 1:
-            raise_type = type(extra).__name__
             raise ValueError(
                 "The checkpoint's `_extra_state` should be famo 0.1's metadata (a dict with "
-                f"format_version 1). Found {raise_type}."
+                f"format_version 1). Found {type(extra).__name__}."
             )
-        tasks = extra.get("tasks")
-        logits = ours["logits"]
-        names = tasks if isinstance(tasks, list) else None
-        if not isinstance(tasks, list) and tasks != _length(logits):
-            names = ["?"]  # a count that does not match: refused by the task check
-        migrated["task_names_utf8"] = encode_task_names(
-            tuple(names) if names else None, torch.device("cpu")
-        )
+        tasks = extra.get("tasks")  # names, or a count that the logits' length must match
+        names = tuple(tasks) if isinstance(tasks, list) else None
+        if names is None and tasks != _length(ours["logits"]):
+            names = ("?",)  # refused by the task check
+        migrated["task_names_utf8"] = encode_task_names(names, torch.device("cpu"))
         migrated["window_stepped"] = torch.tensor(0, dtype=torch.uint8)
-        del migrated["_extra_state"]
     logits = migrated["logits"]
     like = logits.detach() if isinstance(logits, Tensor) else torch.zeros(0)
     migrated["format_version"] = torch.tensor(FORMAT_VERSION)
