@@ -10,6 +10,25 @@ from torch import Tensor, nn
 
 from famo import FAMOWeighting
 
+#: The checkpoint keys of layout 3, written out here so that the tests pin the layout on their own
+#: (famo/_checkpoint.py declares it): all of them registered buffers.
+LAYOUT_3 = {
+    "logits",
+    "exp_avg",
+    "exp_avg_sq",
+    "adam_step",
+    "lower_bounds",
+    "window_sum",
+    "window_count",
+    "window_stepped",
+    "warmup_count",
+    "block_count",
+    "block_sum",
+    "block_tasks",
+    "task_names_utf8",
+    "format_version",
+}
+
 
 def loss_weights(famo: FAMOWeighting, losses: Sequence[float]) -> Tensor:
     """Call ``famo.backward`` on leaf losses and return ∂L/∂ℓ (the weights w)."""

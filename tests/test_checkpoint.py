@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from famo import FORMAT_VERSION, FAMOWeighting
-from tests.helpers import loss_weights
+from tests.helpers import LAYOUT_3, loss_weights
 from tests.strategies import Scenario, scenarios
 
 
@@ -68,29 +68,11 @@ def test_save_and_load_at_any_step_continues_bit_identically(
             assert torch.equal(value, resumed.state_dict()[name]), name
 
 
-KEYS = {
-    "logits",
-    "exp_avg",
-    "exp_avg_sq",
-    "adam_step",
-    "lower_bounds",
-    "window_sum",
-    "window_count",
-    "window_stepped",
-    "warmup_count",
-    "block_count",
-    "block_sum",
-    "block_tasks",
-    "task_names_utf8",
-    "format_version",
-}
-
-
 def test_state_dict_holds_tensors_only_and_everything_that_determines_the_future() -> None:
     famo = FAMOWeighting(["a", "b"], lr=0.1, gamma="official", min_losses=[-1.0, 0.5])
     famo.backward(torch.tensor([1.0, 2.0], requires_grad=True))
     state = famo.state_dict()
-    assert set(state) == KEYS
+    assert set(state) == LAYOUT_3
     assert all(isinstance(value, torch.Tensor) for value in state.values())
     assert bytes(state["task_names_utf8"].tolist()) == b"a\x00b"
     assert state["format_version"].item() == FORMAT_VERSION == 3
@@ -173,7 +155,7 @@ def test_no_parameters_and_every_state_dict_entry_is_a_registered_buffer() -> No
     assert len(list(model.parameters())) == 2  # the Linear's weight and bias only
     buffers = dict(model.named_buffers())
     famo_keys = [key for key in model.state_dict() if key.startswith("famo.")]
-    assert sorted(famo_keys) == sorted(f"famo.{key}" for key in KEYS)
+    assert sorted(famo_keys) == sorted(f"famo.{key}" for key in LAYOUT_3)
     for key in famo_keys:
         assert torch.equal(buffers[key], model.state_dict()[key]), key
         assert model.get_buffer(key) is buffers[key]
@@ -279,7 +261,7 @@ def test_strict_false_reports_missing_famo_keys_and_loads_everything_else() -> N
     target = Pretrained()
     target.famo.logits.fill_(0.5)
     result = target.load_state_dict(backbone, strict=False)
-    assert sorted(result.missing_keys) == sorted(f"famo.{key}" for key in KEYS)
+    assert sorted(result.missing_keys) == sorted(f"famo.{key}" for key in LAYOUT_3)
     assert result.unexpected_keys == []
     assert torch.equal(target.last.weight, source.last.weight)  # loaded past FAMO
     assert torch.equal(target.famo.logits, torch.full((2,), 0.5))  # FAMO left as it was

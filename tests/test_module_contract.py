@@ -32,29 +32,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from famo import FORMAT_VERSION, FAMOWeighting
+from tests.helpers import LAYOUT_3
 from tests.test_compile import no_host_sync
 
 F64 = torch.float64
 TASKS = ("a", "b", "c")
 BOUNDS = (0.0, -0.25, 0.1)
-
-#: The keys of layout 3 (famo/_checkpoint.py): all of them registered buffers.
-LAYOUT_3 = {
-    "logits",
-    "exp_avg",
-    "exp_avg_sq",
-    "adam_step",
-    "lower_bounds",
-    "window_sum",
-    "window_count",
-    "window_stepped",
-    "warmup_count",
-    "block_count",
-    "block_sum",
-    "block_tasks",
-    "task_names_utf8",
-    "format_version",
-}
 
 
 class MultiTask(nn.Module):
