@@ -63,6 +63,7 @@ def fast_loss(famo: FAMOWeighting, losses: Tensor) -> Tensor | None:
     if learns:  # extra_forward=False: this call's losses end the previous step
         learn(famo, log_d, famo._adam)
     weights = torch.softmax(torch.sub(logits, log_d), dim=0)
+    famo._applied_weights = weights
     if window.pending:
         W.record(famo, values, log_d, None)
     else:
@@ -130,6 +131,7 @@ def record_call(famo: FAMOWeighting, losses: Any) -> Tensor:
         learn_any(famo, log_d, mask, None, values=values if compiling else None)
     logits = minus_infinity_outside(famo._buffers["logits"], mask)
     weights = F.weights_from_log_distance(logits, log_d)
+    famo._applied_weights = weights
     if not (learns and compiling):
         W.record(famo, values, log_d, mask)
     return weighted_sum(batch, weights)

@@ -146,6 +146,7 @@ class FAMOWeighting(nn.Module):
         self._fused_key: tuple[Any, ...] = ()
         self._fused_now = False
         self._window = _window.Window()
+        self._applied_weights: Tensor | None = None
         _checkpoint.register(self, bounds, state_device, state_dtype)
 
     __init__.__doc__ = (
@@ -186,7 +187,45 @@ class FAMOWeighting(nn.Module):
         >>> FAMOWeighting(["seg", "depth"]).weights_dict(as_floats=True)
         {'famo/seg': 0.5, 'famo/depth': 0.5}
         """
-        weights = self.weights
+        return self._named(self.weights, prefix, as_floats)
+
+    @property
+    def loss_weights(self) -> Tensor | None:
+        r"""The weights applied to each loss at the last recording call, detached, shape (k,).
+
+        :math:`w = \operatorname{softmax}(\xi - \log D)`, what multiplies each loss's gradient
+        in :meth:`loss` and :meth:`backward` (:math:`w_i = c\, z_i / D_i`, summing to 1). A
+        task with a small loss gets a large :math:`w_i`; :attr:`weights` (:math:`z`) weight the
+        *log* losses instead. ``None`` before the first recording call; evaluation calls (under
+        ``torch.no_grad()``) do not change it, and it is not part of the checkpoint.
+
+        >>> famo = FAMOWeighting(2)
+        >>> famo.loss_weights is None
+        True
+        >>> _ = famo.loss(torch.tensor([1.0, 3.0], requires_grad=True))
+        >>> famo.loss_weights  # the smaller loss gets the larger weight on its gradient
+        tensor([0.7500, 0.2500])
+        """
+        return self._applied_weights
+
+    def loss_weights_dict(
+        self, prefix: str = "famo/loss_weight/", *, as_floats: bool = False
+    ) -> dict[str, Any]:
+        """:attr:`loss_weights` as named scalars for a logger: ``{prefix + task: weight}``.
+
+        Empty before the first recording call. Values as in :meth:`weights_dict`.
+
+        >>> famo = FAMOWeighting(["seg", "depth"])
+        >>> _ = famo.loss(torch.tensor([1.0, 1.0], requires_grad=True))
+        >>> famo.loss_weights_dict(as_floats=True)
+        {'famo/loss_weight/seg': 0.5, 'famo/loss_weight/depth': 0.5}
+        """
+        weights = self._applied_weights
+        if weights is None:
+            return {}
+        return self._named(weights, prefix, as_floats)
+
+    def _named(self, weights: Tensor, prefix: str, as_floats: bool) -> dict[str, Any]:
         names = self._task_names or [str(i) for i in range(self._num_tasks)]
         values: Sequence[Any] = weights.tolist() if as_floats else weights.unbind()
         return {prefix + name: value for name, value in zip(names, values, strict=True)}
