@@ -7,7 +7,7 @@ tensor([0.3333, 0.3333, 0.3333])
 
 from famo import functional
 from famo._attach import Attachment
-from famo._checkpoint import FORMAT_VERSION
+from famo._layout import FORMAT_VERSION
 from famo._settings import GAMMA_PRESETS
 from famo._version import __version__
 from famo._weighting import FAMOWeighting

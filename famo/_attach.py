@@ -9,14 +9,10 @@ model: a step with every learning rate 0 does not count).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
-
-from famo._window import mark_stepped
-
-if TYPE_CHECKING:
-    from famo._weighting import FAMOWeighting
 
 
 def innermost(optimizer: Any) -> torch.optim.Optimizer:
@@ -55,18 +51,22 @@ class Attachment:
     a context manager that detaches on exit.
     """
 
-    def __init__(self, optimizer: Any, famo: FAMOWeighting) -> None:
+    def __init__(
+        self,
+        optimizer: Any,
+        on_step: Callable[[], None],
+        on_remove: Callable[[Attachment], None],
+    ) -> None:
         def stepped(optimizer: Any, args: Any, kwargs: Any) -> None:
             if not _changes_nothing(optimizer):
-                mark_stepped(famo)
+                on_step()
 
         self._handle = innermost(optimizer).register_step_post_hook(stepped)
-        self._famo = famo
+        self._on_remove = on_remove
 
     def remove(self) -> None:
         self._handle.remove()
-        if self._famo._attachment is self:
-            self._famo._attachment = None
+        self._on_remove(self)
 
     def __enter__(self) -> Attachment:
         return self

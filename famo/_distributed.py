@@ -15,6 +15,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -94,30 +95,43 @@ def is_process_group(value: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------ one state per rank
-# DDP broadcasts buffers before each forward keeping their version counters, and only the ranks
-# it overwrites could see it. Until a per-rank FAMOWeighting's first recording call, a hook on
-# every module's forward refuses, on every rank alike and before any collective, a DDP that is
-# about to broadcast over it. (Later, famo._window._check_own_state watches for it.)
+# With process_group=False in a job of several ranks, each rank keeps its own state, and DDP's
+# buffer broadcast would overwrite it with rank 0's. At construction DDP writes every buffer
+# (`format_version`'s version counter moves: nothing else writes it); before each forward it
+# writes them keeping the version counters, which `rank_canary` (a buffer that is not saved)
+# shows: it holds rank 0's afterwards. Until the object's first recording call, a hook on every
+# module's forward refuses, on every rank alike and before any collective, a DDP that is about
+# to broadcast over it; from then on, `check_own_state` does at every eager call.
 
 _WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _HOOK: Any = None
 
 
-def watch_per_rank(famo: nn.Module) -> None:
-    global _HOOK
+def register_canary(module: nn.Module, device: Any) -> None:
+    """The per-rank guard of a new object with ``process_group=False``."""
+    module.register_buffer("rank_canary", torch.tensor(Group.rank(), device=device), False)
     if not (_AVAILABLE and dist.is_initialized() and dist.get_world_size() > 1):
         return  # no DDP yet: the version counters and the rank canary will tell
-    _WATCHED.add(famo)
+    _WATCHED.add(module)
+    global _HOOK
     if _HOOK is None:
         _HOOK = nn.modules.module.register_module_forward_pre_hook(_refuse_a_broadcast_over)
 
 
-def unwatch(famo: nn.Module) -> None:
+def check_own_state(module: nn.Module, buffers: dict[str, Tensor], version_seen: int) -> None:
+    """Refuse a per-rank state that DDP's buffer broadcast reached (one host sync)."""
     global _HOOK
-    _WATCHED.discard(famo)
+    _WATCHED.discard(module)
     if not _WATCHED and _HOOK is not None:
         _HOOK.remove()
         _HOOK = None
+    rank, canary = Group.rank(), buffers["rank_canary"]
+    found = int(canary.item())
+    if found == -1:  # created before torch.distributed was initialised
+        canary.fill_(rank)
+    moved = buffers["format_version"]._version != version_seen
+    if moved or found not in (-1, rank):
+        raise RuntimeError(PER_RANK_REFUSED)
 
 
 def _refuse_a_broadcast_over(module: nn.Module, args: Any) -> None:
@@ -130,5 +144,5 @@ def _refuse_a_broadcast_over(module: nn.Module, args: Any) -> None:
     for name, sub in module.module.named_modules():
         if sub in _WATCHED:
             prefix = f"{name}." if name else ""
-            if any(prefix + key not in ignored for key in sub._buffers):
+            if any(prefix + key not in ignored for key, _ in sub.named_buffers(recurse=False)):
                 raise RuntimeError(PER_RANK_REFUSED)

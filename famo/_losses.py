@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from famo._distributed import all_reduce_sum_
-
-if TYPE_CHECKING:
-    from famo._weighting import FAMOWeighting
 
 
 class LossVector(NamedTuple):
@@ -26,18 +23,9 @@ class LossVector(NamedTuple):
     present: tuple[int, ...] | None
 
 
-def read(famo: FAMOWeighting, losses: Any, param: str, *, for_backward: bool) -> LossVector:
-    """:func:`read_losses` with the object's tasks; recording losses must carry a graph."""
-    batch = read_losses(
-        losses,
-        param=param,
-        num_tasks=famo._num_tasks,
-        names=famo._task_names,
-        allow_missing=famo._settings["allow_missing_tasks"],
-        allow_rows=param == "new_losses",
-        allow_numbers=param == "new_losses",
-    )
-    if for_backward and not batch.values.requires_grad:
+def require_grad(batch: LossVector) -> None:
+    """Recording losses must carry a graph: FAMO's loss is backpropagated into the model."""
+    if not batch.values.requires_grad:
         raise RuntimeError(
             "`losses` should require grad: FAMO's loss is backpropagated into the model. "
             "Found losses without autograd history. Was the forward pass run under "
@@ -46,43 +34,6 @@ def read(famo: FAMOWeighting, losses: Any, param: str, *, for_backward: bool) ->
             "Losses recomputed after the step go to `update`; for a validation batch, call "
             "`loss` under torch.no_grad()."
         )
-    return batch
-
-
-def values(
-    famo: FAMOWeighting, batch: LossVector, *, follow: bool | None
-) -> tuple[Tensor, Tensor | None]:
-    """The loss values in the state's dtype and device; averaged over ranks when recording.
-
-    ``follow``: the state moves to the values' device (a recording ``loss``: the losses live
-    with the model); ``False``: the values move to the state's (``update``); ``None``: nothing
-    moves and no rank is asked (evaluation; the values stay where they are).
-    """
-    given = batch.values
-    if given.requires_grad:
-        given = given.data  # read only, never written: no autograd node
-    state = famo._buffers["logits"]
-    if given.device != state.device and follow is not None:
-        if follow:
-            famo.to(given.device)  # the state follows the losses (a copy, nothing changes)
-        elif given.device.type == "meta":
-            raise ValueError(
-                "`new_losses` are on the meta device, which holds no values, but FAMO's "
-                f"state is on {state.device}. Pass the losses recomputed after the step."
-            )
-        else:
-            given = given.to(state.device)
-    if given.dtype != state.dtype:
-        given = given.to(state.dtype)
-    group = famo._group.active() if follow is not None else None
-    return average_over_ranks(
-        given,
-        batch.present,
-        group,
-        famo._group.size,
-        num_tasks=famo._num_tasks,
-        masked=famo._settings["allow_missing_tasks"],
-    )
 
 
 def task_label(names: tuple[str, ...] | None, index: int) -> str:

@@ -1,7 +1,8 @@
 """FAMOWeighting's options, each declared once: its default, its check and its description.
 
-The constructor's defaults, its ``:param`` documentation, the checks (at construction and on
-assignment), which options may be assigned later, and ``repr`` all read :data:`OPTIONS`. Adding
+The constructor's defaults, its ``:param`` documentation, each option attribute's documentation
+(:func:`setting_doc`), the checks (at construction and on assignment), which options may be
+assigned later, and ``repr`` all read :data:`OPTIONS`. Adding
 an option is one record here and one keyword argument in the constructor's signature, whose
 default reads the record.
 """
@@ -14,13 +15,11 @@ import textwrap
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar, overload
+from typing import Any, Final
 
 import torch
 
 from famo._distributed import is_process_group
-
-T = TypeVar("T")
 
 #: Named values of ``gamma``: the paper's Algorithm 2 (also LibMTL and TorchJD) and the class
 #: default of the official code (its run scripts pass 1e-3).
@@ -392,32 +391,17 @@ def param_docs(width: int = 96) -> str:
     return "\n".join(entries)
 
 
-class Setting(Generic[T]):
-    """An option as an attribute: reads the stored value; an assignment is checked first.
-
-    Assigning calls the owner's ``_setting_changed(name, value)`` with the checked value.
-    Options that are not ``assignable`` are read-only.
-    """
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.option = BY_NAME[name]
-
-    @overload
-    def __get__(self, instance: None, owner: type) -> Setting[T]: ...
-
-    @overload
-    def __get__(self, instance: object, owner: type) -> T: ...
-
-    def __get__(self, instance: Any, owner: type) -> Any:
-        if instance is None:
-            return self
-        return instance.__dict__["_settings"][self.option.name]
-
-    def __set__(self, instance: Any, value: Any) -> None:
-        option = self.option
-        if not option.assignable:
-            raise AttributeError(
-                f"`{option.name}` is fixed at construction and cannot be assigned. Create a new "
-                f"FAMOWeighting(..., {option.name}=...) and load this one's state_dict into it."
-            )
-        instance._setting_changed(option.name, option.check(option.name, value, 0))
+def setting_doc(option: Option) -> str:
+    """The documentation of an option as an attribute: its meaning, default, and whether it may
+    be assigned later (for the API reference and ``help()``)."""
+    if option.assignable:
+        when = (
+            f"Assignable: ``famo.{option.name} = value`` is checked as the constructor checks "
+            "it and applies from the next call."
+        )
+    else:
+        when = (
+            "Read-only: fixed at construction (create a new object and load this one's "
+            "``state_dict()`` to change it)."
+        )
+    return f"The ``{option.name}`` option: {option.doc}\n\n{when}"

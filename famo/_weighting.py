@@ -3,27 +3,62 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
 
-from famo import _checkpoint, _steps, _window
-from famo import functional as F
+from famo import _checkpoint, _layout
 from famo._attach import Attachment
-from famo._distributed import Group
+from famo._distributed import register_canary
+from famo._losses import LossVector, read_losses, require_grad
 from famo._settings import (
+    BY_NAME,
     DEFAULTS,
-    Setting,
     check_min_losses,
     check_options,
     check_representable,
+    check_skip,
     check_tasks,
     describe,
     param_docs,
+    setting_doc,
 )
+from famo._state import State, is_compiling
 
+T = TypeVar("T")
 Losses = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
+
+
+class Setting(Generic[T]):
+    """An option of the constructor as an attribute (its documentation is the option's own)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.option = BY_NAME[name]
+        self.__doc__ = setting_doc(self.option)
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> Setting[T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type) -> T: ...
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        if instance is None:
+            return self
+        return instance._state.settings[self.option.name]
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        option = self.option
+        if not option.assignable:
+            raise AttributeError(
+                f"`{option.name}` is fixed at construction and cannot be assigned. Create a new "
+                f"FAMOWeighting(..., {option.name}=...) and load this one's state_dict into it."
+            )
+        checked = option.check(option.name, value, 0)
+        if option.name in ("lr", "gamma", "eps"):
+            check_representable(option.name, checked, instance.logits.dtype)
+        instance._state.setting_changed(option.name, checked)
 
 
 class FAMOWeighting(nn.Module):
@@ -86,13 +121,9 @@ class FAMOWeighting(nn.Module):
         https://github.com/Cranial-XIX/FAMO.
     """
 
-    # Every buffer holds a tensor (nn.Module allows None): the layout of famo._checkpoint.
+    # Every buffer holds a tensor (nn.Module allows None): the layout of famo._layout.
     _buffers: dict[str, Tensor]  # type: ignore[assignment]
-    # Kept by famo._window: constant tensors for an empty window, and the offset ε − b.
-    _constants: dict[str, Tensor]
-    _empty_seen: tuple[Any, ...]
-    _offset: Tensor
-    _offset_key: tuple[Any, ...] | None
+    _state: State
 
     lr = Setting[float]()
     gamma = Setting[float]()
@@ -135,19 +166,14 @@ class FAMOWeighting(nn.Module):
             check_representable(name, checked[name], state_dtype)
         check_representable("min_losses", float(bounds.abs().max()), state_dtype)
         super().__init__()
-        self._settings = checked
-        self._task_names, self._num_tasks = names, num_tasks
-        self._initial_min_losses = bounds  # float64 on the CPU: what reset_parameters restores
-        self._group = Group(process_group)
-        self._attachment: Attachment | None = None
-        self._adam = _steps.adam_settings(checked)
-        # The common call's path: all tasks, no schedule (see famo._steps.fast_loss).
-        self._fast = not allow_missing_tasks and warmup_steps == 0 and update_every == 1
-        self._fused_key: tuple[Any, ...] = ()
-        self._fused_now = False
-        self._window = _window.Window()
-        self._applied_weights: Tensor | None = None
-        _checkpoint.register(self, bounds, state_device, state_dtype)
+        per_task = checked["allow_missing_tasks"]
+        buffers = _layout.initial(num_tasks, names, bounds, per_task, state_device, state_dtype)
+        for key, tensor in buffers.items():
+            self.register_buffer(key, tensor)
+        if process_group is False:
+            register_canary(self, state_device)
+        self._state = State(self, self._buffers, checked, num_tasks, names, bounds)
+        self._state.replaced()
 
     __init__.__doc__ = (
         "Create the object; every option below is keyword-only.\n\n"
@@ -160,11 +186,11 @@ class FAMOWeighting(nn.Module):
     @property
     def task_names(self) -> tuple[str, ...] | None:
         """The task names given to the constructor, or None when it was given a count."""
-        return self._task_names
+        return self._state.names
 
     @property
     def num_tasks(self) -> int:
-        return self._num_tasks
+        return self._state.num_tasks
 
     @property
     def weights(self) -> Tensor:
@@ -206,7 +232,7 @@ class FAMOWeighting(nn.Module):
         >>> famo.loss_weights  # the smaller loss gets the larger weight on its gradient
         tensor([0.7500, 0.2500])
         """
-        return self._applied_weights
+        return self._state.applied
 
     def loss_weights_dict(
         self, prefix: str = "famo/loss_weight/", *, as_floats: bool = False
@@ -220,13 +246,13 @@ class FAMOWeighting(nn.Module):
         >>> famo.loss_weights_dict(as_floats=True)
         {'famo/loss_weight/seg': 0.5, 'famo/loss_weight/depth': 0.5}
         """
-        weights = self._applied_weights
+        weights = self._state.applied
         if weights is None:
             return {}
         return self._named(weights, prefix, as_floats)
 
     def _named(self, weights: Tensor, prefix: str, as_floats: bool) -> dict[str, Any]:
-        names = self._task_names or [str(i) for i in range(self._num_tasks)]
+        names = self.task_names or [str(i) for i in range(self.num_tasks)]
         values: Sequence[Any] = weights.tolist() if as_floats else weights.unbind()
         return {prefix + name: value for name, value in zip(names, values, strict=True)}
 
@@ -248,20 +274,20 @@ class FAMOWeighting(nn.Module):
 
     @min_losses.setter
     def min_losses(self, value: Any) -> None:
-        _window.assign_bounds(self, check_min_losses("min_losses", value, self._num_tasks))
+        bounds = check_min_losses("min_losses", value, self.num_tasks)
+        check_representable("min_losses", float(bounds.abs().max()), self._buffers["logits"].dtype)
+        self._state.assign_bounds(bounds)
 
     @property
     def steps(self) -> Tensor:
         """Adam's step count per task, shape (k,), in the state's dtype (a copy)."""
         steps = self._buffers["adam_step"].to(self._buffers["logits"].dtype)
-        return steps.expand(self._num_tasks).clone() if steps.dim() == 0 else steps.clone()
+        return steps.expand(self.num_tasks).clone() if steps.dim() == 0 else steps.clone()
 
     @property
     def pending(self) -> bool:
         """Whether losses are recorded and waiting for a logit step (or :meth:`discard`)."""
-        if not F.is_compiling():
-            _window.sync(self)
-        return self._window.pending
+        return self._state.sync().pending
 
     @property
     def pending_sum(self) -> Tensor:
@@ -283,7 +309,7 @@ class FAMOWeighting(nn.Module):
         >>> famo.weights
         tensor([0.5000, 0.5000])
         """
-        _checkpoint.reset(self, self._buffers["lower_bounds"])
+        self._state.reset(self._buffers["lower_bounds"].clone())
 
     def reset_parameters(self) -> None:
         """The constructor's state, bounds included (after ``to_empty``, for deferred init).
@@ -295,7 +321,7 @@ class FAMOWeighting(nn.Module):
         >>> famo.min_losses, famo.logits
         (tensor([ 0., -1.]), tensor([0., 0.]))
         """
-        _checkpoint.reset(self, self._initial_min_losses)
+        self._state.reset(self._state.initial_bounds)
 
     # ------------------------------------------------------------------ the training calls
 
@@ -330,11 +356,21 @@ class FAMOWeighting(nn.Module):
         >>> objective
         tensor(1.3333, dtype=torch.float64, grad_fn=<DotBackward0>)
         """
-        if self._fast and isinstance(losses, Tensor) and torch.is_grad_enabled():
-            objective = _steps.fast_loss(self, losses)
-            if objective is not None:
-                return objective
-        return _steps.record_call(self, losses)
+        state = self._state
+        batch = self._read(losses, "losses")
+        if (
+            not torch.is_grad_enabled()
+            or _replaying()
+            or _meta_call(batch, self._buffers["logits"])
+        ):
+            with torch.no_grad():  # (meta losses trace shapes: computed on copies)
+                weights = state.evaluate(batch)
+            return _weighted_sum(batch, weights)
+        require_grad(batch)
+        with torch.no_grad():
+            recording = state.prepare(batch)
+            recording.commit()
+        return _weighted_sum(batch, recording.weights)
 
     def backward(self, losses: Losses, **kwargs: Any) -> None:
         """Drop-in for ``losses.sum().backward(**kwargs)``; runs ``self.loss(losses).backward()``.
@@ -351,7 +387,22 @@ class FAMOWeighting(nn.Module):
         >>> head.weight.grad.shape
         torch.Size([3, 2])
         """
-        _steps.backward_call(self, losses, kwargs)
+        if not torch.is_grad_enabled():
+            raise RuntimeError(
+                "`backward` should run with autograd enabled: FAMO's loss is backpropagated "
+                "into the model. Found it called inside torch.no_grad() or "
+                "torch.inference_mode(). Call it outside that block; only `update` (with the "
+                "losses recomputed after the step) belongs under no_grad."
+            )
+        batch = self._read(losses, "losses")
+        require_grad(batch)
+        with torch.no_grad():
+            recording = self._state.prepare(batch)
+        # Nothing is recorded until the backward pass has run: if it raises (out of memory, a
+        # freed graph), the call changed nothing and the step can be retried.
+        _weighted_sum(batch, recording.weights).backward(**kwargs)  # type: ignore[no-untyped-call]
+        with torch.no_grad():
+            recording.commit()
 
     def update(self, new_losses: Any, *, skip: bool | Tensor = False) -> None:
         r"""The logit step from how much each loss fell since :meth:`loss` (a learning step).
@@ -380,22 +431,26 @@ class FAMOWeighting(nn.Module):
         >>> famo.weights
         tensor([0.4875, 0.5125])
         """
-        fast = self._fast and skip is False and isinstance(new_losses, Tensor)
-        if fast and _steps.fast_update(self, new_losses):
-            return
-        if not self._settings["extra_forward"]:
+        state = self._state
+        if not state.settings["extra_forward"]:
             raise RuntimeError(
                 "`update` should not be called on a FAMOWeighting created with "
                 "extra_forward=False: it learns from the next batch's losses inside `loss` and "
                 "`backward`. Call only `backward` (or `loss`) once per step."
             )
-        if not self.pending:
+        if not is_compiling() and not state.sync().pending:
             raise RuntimeError(
                 "`update` was called with no losses recorded. Call `backward(losses)` or "
                 "`loss(losses)` before the optimizer step, then `update(new_losses)` once after "
                 "it; `update` consumes the recorded losses."
             )
-        _steps.update_call(self, new_losses, skip)
+        skip_tensor = check_skip(skip)
+        batch = self._read(new_losses, "new_losses")
+        with torch.no_grad():
+            if skip is True:
+                state.clear()  # the step did not happen: nothing to learn from
+            else:
+                state.update(batch, skip_tensor)
 
     def discard(self) -> None:
         """Forget the recorded losses without learning from them (the step did not happen).
@@ -406,7 +461,8 @@ class FAMOWeighting(nn.Module):
         >>> famo.pending
         False
         """
-        _window.clear(self)
+        with torch.no_grad():
+            self._state.clear()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Attachment:
         """Learn on the optimizer's real steps, through ``register_step_post_hook``.
@@ -443,47 +499,91 @@ class FAMOWeighting(nn.Module):
         >>> famo.steps  # two logit steps: the third waits for the next batch's losses
         tensor([2., 2.])
         """
-        if self._attachment is not None:
-            raise RuntimeError(
-                "This FAMOWeighting is already attached to an optimizer. Call `remove()` on the "
-                "handle that `attach` returned before attaching it again."
-            )
-        self._attachment = Attachment(optimizer, self)
-        return self._attachment
+        return self._state.attach(optimizer)
 
     # ------------------------------------------------------------------ internals
 
-    def _setting_changed(self, name: str, value: Any) -> None:
-        if name in ("lr", "gamma", "eps"):
-            check_representable(name, value, self._buffers["logits"].dtype)
-        self._settings[name] = value
-        self._adam = _steps.adam_settings(self._settings)
-
-    def _state_replaced(self, *, derive: bool = True) -> None:
-        _window.state_replaced(self, derive=derive)
+    def _read(self, losses: Any, param: str) -> LossVector:
+        update = param == "new_losses"
+        state = self._state
+        return read_losses(
+            losses,
+            param=param,
+            num_tasks=state.num_tasks,
+            names=state.names,
+            allow_missing=state.settings["allow_missing_tasks"],
+            allow_rows=update,
+            allow_numbers=update,
+        )
 
     # ------------------------------------------------------------------ what torch asks of a module
 
     def extra_repr(self) -> str:
-        tasks = self._task_names if self._task_names is not None else self._num_tasks
-        return ", ".join([f"tasks={tasks!r}", *describe(self._settings)])
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A copy (deepcopy for an EMA model, pickling) is not attached to the optimizer.
-        state = dict(super().__getstate__())  # type: ignore[no-untyped-call]
-        state["_attachment"] = None
-        return state
+        tasks = self.task_names if self.task_names is not None else self.num_tasks
+        return ", ".join([f"tasks={tasks!r}", *describe(self._state.settings)])
 
     def _apply(self, fn: Any, recurse: bool = True) -> FAMOWeighting:
-        """``.to()``, ``.double()``, ``to_empty()``: see :func:`famo._checkpoint.convert`."""
-        _checkpoint.move(self, fn)
+        """``.to()``, ``.double()``, ``to_empty()``: see :func:`famo._layout.convert`."""
+        self._state.move(fn)
         return self
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        _checkpoint.save(self._buffers, destination, prefix, keep_vars)
+        if not is_compiling():
+            self._state.sync(strict=False)  # (a tool's average written in place is not saved)
+        _layout.save(self._buffers, destination, prefix, keep_vars)
 
     def _load_from_state_dict(
-        self, state_dict: Mapping[str, Any], prefix: str, metadata: dict[str, Any], *args: Any
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: Mapping[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
     ) -> None:
-        # (strict, missing_keys, unexpected_keys, error_msgs): torch's strict rules apply.
-        _checkpoint.load(self, state_dict, prefix, metadata, *args)
+        """Check all, then take all (``assign=True``: copies on the checkpoint's device). torch
+        passes ``strict=True`` here; the keys reported decide, as for any module."""
+        ours = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        layout = _checkpoint.layout_of(ours)
+        unexpected_keys.extend(prefix + key for key in ours if key not in layout)
+        missing = [key for key in layout if key not in ours]
+        if len(missing) == len(layout):
+            missing_keys.extend(prefix + key for key in missing)
+            return  # no FAMO state in this checkpoint: torch's strict rules decide
+        if missing:
+            error_msgs.append(
+                f"The checkpoint holds part of a FAMOWeighting state: {missing} are missing, so "
+                "none of it was loaded. Save the whole object's state_dict()."
+            )
+            return
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        try:
+            self._state.load(ours, layout, assign)
+        except ValueError as error:
+            error_msgs.append(str(error))
+
+
+def _weighted_sum(batch: LossVector, weights: Tensor) -> Tensor:
+    """Σ wᵢ ℓᵢ over the losses as given (their graph, their dtype promoted)."""
+    if batch.present is not None:
+        weights = torch.stack([weights[task] for task in batch.present])  # no index tensor
+    given = batch.values
+    return torch.dot(given if given.dtype == weights.dtype else given.to(weights.dtype), weights)
+
+
+def _meta_call(batch: LossVector, logits: Tensor) -> bool:
+    return batch.values.is_meta and not logits.is_meta
+
+
+def _replaying() -> bool:
+    """Whether autograd is running a forward again inside backward to recompute what it did not
+    save (non-reentrant activation checkpointing): such a call has been made and recorded once.
+
+    (Reentrant checkpointing runs its forward under ``torch.no_grad()``, which records nothing,
+    and the call it replays inside backward is then the one that records.)
+    """
+    if is_compiling() or torch._C._current_graph_task_id() == -1:
+        return False  # (a compiled region is recomputed inside its own graph, not by Python)
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    return hooks is not None and "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")

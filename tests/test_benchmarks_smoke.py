@@ -49,7 +49,8 @@ def test_speed_smoke(smoke_dir: Path) -> None:
         assert row["famo_over_straight_line"] > 0
     for row in record["named_dict"].values():
         assert row["ratio_to_sum"]["sum(d.values())"] == 1.0
-    assert record["ops_per_step"]["famo"] == record["ops_per_step"]["straight-line"]
+    # The straight line's operations, and the one that commits a step all or nothing.
+    assert record["ops_per_step"]["famo"] == record["ops_per_step"]["straight-line"] + 1
     assert record["training_steps"]
     assert record["targets"]["ops_per_step"]["met"] is not None
     assert record["targets"]["named_dict_100000"]["met"] is None  # not measured in --smoke
@@ -171,7 +172,13 @@ def test_straight_line_reference_matches_famo(threads: int) -> None:
             step()  # warm, and leaf.grad exists for both
             return sorted(count(step).names)
 
-        assert ops(reference) == ops(famo)
+        # famo computes under no_grad where the reference reads `.data` (a detach), records a
+        # copy of the losses (one _foreach_add_ into its window: never an alias of the caller's
+        # tensor) and commits the logit step in one _foreach_copy_ (all or nothing).
+        bare = ops(reference)
+        bare.remove("aten.detach.default")
+        expected = sorted([*bare, "aten._foreach_add_.List", "aten._foreach_copy_.default"])
+        assert ops(famo) == expected
     finally:
         torch.set_num_threads(saved)
 

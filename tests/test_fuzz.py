@@ -33,7 +33,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from famo import FAMOWeighting, _checkpoint
+from famo import FAMOWeighting, _layout
 from tests.helpers import assert_same_state, snapshot
 from tests.strategies import Scenario, scenarios
 
@@ -281,7 +281,7 @@ class FAMOMachine(RuleBasedStateMachine):
         elif damage == "version as a number":
             state["format_version"] = 3
         elif damage == "other tasks":
-            state["task_names_utf8"] = _checkpoint.encode_task_names(
+            state["task_names_utf8"] = _layout.encode_task_names(
                 ("x",) * self.famo.num_tasks, torch.device("cpu")
             )
         elif damage == "names as text":

@@ -203,16 +203,17 @@ def test_a_backward_that_runs_out_of_memory_records_nothing() -> None:
     assert_same_state(failing, snapshot(clean))
 
 
-def test_without_extra_forward_a_failed_backward_is_a_skipped_step() -> None:
-    """The failed batch still tells how the previous step went; it is then discarded."""
+def test_without_extra_forward_a_failed_backward_changes_nothing() -> None:
+    """All or nothing: the logit step it would have taken is not taken either, so a retry (or
+    the next batch) takes it, exactly as if the failed call had never been made."""
     failing = FAMOWeighting(2, extra_forward=False)
     clean = FAMOWeighting(2, extra_forward=False)
     failing.backward(_leaf(1.0, 2.0))
+    before = snapshot(failing)
     with pytest.raises(torch.OutOfMemoryError):
         failing.backward(_FailingBackward.apply(_leaf(0.8, 1.9)))
+    assert_same_state(failing, before)
     clean.backward(_leaf(1.0, 2.0))
-    clean.loss(_leaf(0.8, 1.9))
-    clean.discard()
     for famo in (failing, clean):
         famo.backward(_leaf(0.7, 1.8))
         famo.backward(_leaf(0.6, 1.7))

@@ -549,15 +549,18 @@ def test_a_restored_model_trains_without_host_sync(extra_forward: bool) -> None:
 # ---------------------------------------------------------------------- beyond the named cases
 
 
-def test_load_state_dict_with_assign_trains_on_the_assigned_tensors() -> None:
-    # assign=True (also the way to load onto a model built on the meta device): the module's
-    # buffers become the checkpoint's tensors, and FAMO computes from them.
+def test_load_state_dict_with_assign_trains_on_copies_of_the_assigned_tensors() -> None:
+    # assign=True (also the way to load onto a model built on the meta device): FAMO's buffers
+    # take the checkpoint tensors' device and dtype, as copies: nothing FAMO keeps aliases a
+    # tensor the caller holds, so editing the checkpoint afterwards changes nothing.
     model, optimizer = trained()
     saved = {key: value.clone() for key, value in model.state_dict().items()}
     with torch.device("meta"):
         restored = MultiTask(seed=5)
     restored.load_state_dict(saved, assign=True)
-    assert restored.famo.logits is saved["famo.logits"]
+    assert restored.famo.logits.device == saved["famo.logits"].device
+    saved["famo.logits"].add_(1.0)
+    saved["famo.window_sum"].add_(1.0)
     assert_same_state(restored, model)
     restored_optimizer = sgd(restored)
     finish(model, optimizer)
