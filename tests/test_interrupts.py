@@ -48,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 
 import famo
 from famo import FAMOWeighting
+from tests._scripts.launch import run_script
 
 K = 3
 FAMO_DIR = str(Path(famo.__file__).resolve().parent) + "/"
@@ -567,3 +568,45 @@ def test_a_real_signal_at_a_random_moment_of_update_leaves_the_state_before_or_a
         signal.signal(signal.SIGALRM, previous_handler)
         torch.set_num_threads(previous_threads)
         torch.set_grad_enabled(True)
+
+
+# ---------------------------------------------------------------------------------- several ranks
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, list[dict[str, Any]]]]:
+    out = tmp_path_factory.mktemp("interrupt_ranks") / "ranks.pt"
+    run_script(
+        Path(__file__).resolve().parent / "_scripts" / "interrupt_ranks.py", str(out), ranks=2
+    )
+    results: list[dict[str, list[dict[str, Any]]]] = torch.load(out)
+    return results
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="this torch has no torch.distributed"
+)
+@pytest.mark.parametrize("call", ["update", "learning loss"])
+def test_an_interrupt_on_one_rank_leaves_each_ranks_state_before_or_after(
+    ranks: list[dict[str, list[dict[str, Any]]]], call: str
+) -> None:
+    """Two gloo ranks share one state; rank 1's call is interrupted at each of its points while
+    rank 0's runs through (see ``tests/_scripts/interrupt_ranks.py``). Rank 1 must be as before
+    or as after wherever the interrupt lands, before its all-reduce (then its retry ends as
+    after) or after it; rank 0 as after."""
+    first, second = ranks[0][call], ranks[1][call]
+    assert len(first) == len(second) > 0
+    # The points after the all-reduce, where the ranks' calls have already agreed, are tested.
+    assert any(record.get("collectives", (0, 0))[0] > 0 for record in second)
+    failures = []
+    for ran, interrupted in zip(first, second, strict=True):
+        point = interrupted["point"]
+        if interrupted["state"] not in ("before", "after"):
+            failures.append(f"point {point}: rank 1 {interrupted['state']}")
+        if interrupted.get("retried", "after") != "after":
+            failures.append(f"point {point}: rank 1 retried, then {interrupted['retried']}")
+        if not interrupted.get("released") and ran["state"] != "after":
+            failures.append(f"point {point}: rank 0 {ran['state']}")
+    assert not failures, f"{len(failures)} failures at {len(first)} points:\n" + "\n".join(
+        failures[:12]
+    )
