@@ -292,6 +292,10 @@ SCENARIOS = {
     ),
     "discard": Scenario(then(ONE_STEP, backward(1)), discard, TWO_STEPS),
     "min_losses assignment": Scenario(ONE_STEP, assign_bounds, TWO_STEPS),
+    "reset": Scenario(then(ONE_STEP, backward(1)), lambda run: run.famo.reset(), TWO_STEPS),
+    "reset_parameters": Scenario(
+        then(ONE_STEP, backward(1)), lambda run: run.famo.reset_parameters(), TWO_STEPS
+    ),
     "load_state_dict": Scenario(
         then(ONE_STEP, backward(1)),
         load_a_later_checkpoint,
@@ -375,6 +379,22 @@ SCENARIOS = {
         attached=True,
     ),
 }
+
+
+def test_the_interrupt_points_are_the_torch_calls_famo_makes() -> None:
+    """The check of the checks: famo's calls are counted (else every scenario would pass with
+    no point), the test's own are not, and the interrupt lands at the chosen one."""
+    run = SCENARIOS["update"].start()
+    with InterruptAfter() as counter:
+        assert torch.ones(K).add(1.0).shape == (K,)  # the test's own calls: not points
+        assert counter.points == 0
+        run.famo.update(torch.tensor(LOSSES[2]))
+    assert counter.points > 10
+    run = SCENARIOS["update"].start()
+    interrupt = InterruptAfter(counter.points - 1)
+    with pytest.raises(KeyboardInterrupt), interrupt:
+        run.famo.update(torch.tensor(LOSSES[2]))
+    assert interrupt.fired  # (a rollback may make more calls after it)
 
 
 # ---------------------------------------------------------------------------------- the state
@@ -504,16 +524,38 @@ def test_an_interrupt_at_any_point_of_a_call_leaves_the_state_before_or_after(na
 # ---------------------------------------------------------------------------------- real signals
 
 
+class Signalled:
+    """A call that real signals interrupt: ``prepare`` (not interrupted) records the losses it
+    needs, ``call`` is interrupted."""
+
+    def __init__(self, options: dict[str, Any], prepare: Script2, call: Script2) -> None:
+        self.options, self.prepare, self.call = options, prepare, call
+
+
+Script2 = Callable[[FAMOWeighting, Tensor], Any]
+SIGNALLED = {
+    "update": Signalled(
+        {},
+        lambda famo, losses: famo.backward(losses + 0.5),
+        lambda famo, losses: famo.update(losses),
+    ),
+    "learning loss": Signalled(
+        {"extra_forward": False}, lambda famo, losses: None, lambda famo, losses: famo.loss(losses)
+    ),
+}
+
+
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="no interval timer here")
 @pytest.mark.parametrize("threads", [1, 2], ids=["fused Adam", "op-by-op Adam"])
-def test_a_real_signal_at_a_random_moment_of_update_leaves_the_state_before_or_after(
-    threads: int,
+@pytest.mark.parametrize("name", SIGNALLED)
+def test_a_real_signal_at_a_random_moment_of_a_call_leaves_the_state_before_or_after(
+    name: str, threads: int
 ) -> None:
     """SIGALRM, whose handler raises ``KeyboardInterrupt``, timed to land at a random moment of
-    each of many ``update`` calls. Where it lands varies from run to run; what is checked does
-    not: the state is that before the call (then the retried call ends where the uninterrupted
-    one does) or that after it, and the object goes on in lockstep with a twin never
-    interrupted."""
+    each of many calls. Where it lands varies from run to run; what is checked does not: the
+    state is that before the call (then the retried call ends where the uninterrupted one does)
+    or that after it, and the object goes on in lockstep with a twin never interrupted."""
+    signalled = SIGNALLED[name]
     generator = random.Random(0)
     armed = False
 
@@ -524,43 +566,45 @@ def test_a_real_signal_at_a_random_moment_of_update_leaves_the_state_before_or_a
             raise KeyboardInterrupt
 
     def batch() -> Tensor:
-        return torch.tensor([generator.uniform(0.5, 3.0) for _ in range(K)])
+        return torch.tensor([generator.uniform(0.5, 3.0) for _ in range(K)], requires_grad=True)
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     previous_handler = signal.signal(signal.SIGALRM, interrupt)
     try:
-        famo = FAMOWeighting(K)
-        started = time.perf_counter()
-        for _ in range(200):
-            famo.backward(batch().requires_grad_())
-            famo.update(batch())
-        duration = (time.perf_counter() - started) / 200  # a whole step: longer than an update
+        famo = FAMOWeighting(K, **signalled.options)
+        duration = 0.0
+        for _ in range(100):
+            signalled.prepare(famo, batch())
+            losses = batch()
+            started = time.perf_counter()
+            signalled.call(famo, losses)
+            duration += (time.perf_counter() - started) / 100
         interrupted = 0
-        for _ in range(1000):
-            # A signal that lands inside a torch context manager's __enter__ (``no_grad`` in
-            # ``Tensor.__deepcopy__``, say) leaves torch's grad mode off: torch's, not famo's.
-            torch.set_grad_enabled(True)
-            famo.backward(batch().requires_grad_())
-            new_losses = batch()
+        for _ in range(500):
+            signalled.prepare(famo, batch())
+            losses = batch()
             twin = copy.deepcopy(famo)
-            twin.update(new_losses)
+            signalled.call(twin, losses)
             before, after = state_of(famo), state_of(twin)
             try:
                 armed = True
-                signal.setitimer(signal.ITIMER_REAL, generator.uniform(1e-6, duration))
-                famo.update(new_losses)
+                signal.setitimer(signal.ITIMER_REAL, generator.uniform(1e-6, 1.2 * duration))
+                signalled.call(famo, losses)
                 armed = False
             except KeyboardInterrupt:
                 interrupted += 1
             finally:
                 armed = False
                 signal.setitimer(signal.ITIMER_REAL, 0)
+                # A signal that lands inside a context manager's __enter__ (``no_grad`` in
+                # ``Tensor.__deepcopy__``, say) leaves torch's grad mode off: not famo's state.
+                torch.set_grad_enabled(True)
             found = state_of(famo)
             as_before, as_after = differences(found, before), differences(found, after)
             assert not (as_before and as_after), f"torn: {as_before} / {as_after}"
             if not as_before:
-                famo.update(new_losses)  # the user retries
+                signalled.call(famo, losses)  # the user retries
             assert not differences(state_of(famo), after)
         assert interrupted > 0
     finally:
