@@ -468,8 +468,9 @@ def check_targets(payload: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
     Measured on one thread, interleaved in one run: famo within 1.8× of the floor for k ∈ {2,
     100, 1,000}; the published code at least 3× slower than famo (same k); 19 ATen operations
-    per step (the straight line's 18 and the commit that makes a step all or nothing); a named dict of 100,000 tasks within 2× of summing it; a whole QM9 training step
-    with 11 tasks and ``extra_forward=False`` within 3% of a summed loss."""
+    per step (the straight line's 18 and the commit that makes a step all or nothing); a named
+    dict of 100,000 tasks within 2× of summing it; a whole QM9 training step with 11 tasks and
+    ``extra_forward=False`` within 3% of a summed loss."""
     overhead = {int(k): row for k, row in payload.get("overhead", {}).items()}
     small = {k: overhead[k] for k in TARGET_KS if k in overhead}
     ks = "k ∈ {" + ", ".join(f"{k:,}" for k in TARGET_KS) + "}"

@@ -26,6 +26,7 @@ counts. FAMO's state is its optimizer's, not a model's, so averaging keeps it wh
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -42,6 +43,8 @@ from famo._losses import LossVector, average_over_ranks, check_values
 ADAM = ("logits", "exp_avg", "exp_avg_sq", "adam_step")
 WINDOW = ("window_sum", "window_count", "window_stepped")
 TRACKED = ADAM + WINDOW
+_TRACKED = operator.itemgetter(*TRACKED)
+_VERSION = operator.attrgetter("_version")
 is_compiling = functional.is_compiling
 
 NOT_A_STATE = (
@@ -100,12 +103,14 @@ class State:
         self.mirror: dict[str, Tensor] = {}
         self.mirror_ok = False  # the mirror equals the buffers
         self.mirror_started = False  # this call began with a current mirror
+        self.target_cache: dict[tuple[tuple[str, ...], bool], list[Tensor]] = {}
         self.constants: dict[str, Tensor] = {}
         self.offset_key: tuple[Any, ...] = ()
         self.offset = torch.zeros(0)
         self.fused_key: tuple[Any, ...] = ()
         self.fused_now = False
         self.version_seen = 0  # format_version's version counter (see famo._distributed)
+        self.names_seen = 0  # task_names_utf8's
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy (deepcopy for an EMA model, pickling) is not attached to the optimizer.
@@ -127,12 +132,30 @@ class State:
         }
         self.offset_key = ()
         self.mirror_ok = False
-        self.version_seen = self.buffers["format_version"]._version
+        self.target_cache = {}
+        self._note_identity()
         self.facts = facts if facts is not None else self._derive()
+        if not logits.is_meta:
+            self._ensure_mirror()  # what famo keeps if a tool writes an average over the state
+            self.mirror_started = False
+
+    def _note_identity(self) -> None:
+        """The version counters of the buffers that say whose state this is, which nothing but
+        famo and a tool that rewrites every buffer of a module writes."""
+        b = self.buffers
+        self.version_seen = b["format_version"]._version
+        self.names_seen = b["task_names_utf8"]._version
+
+    def _rewritten_whole(self) -> bool:
+        b = self.buffers
+        return (
+            b["format_version"]._version != self.version_seen
+            or b["task_names_utf8"]._version != self.names_seen
+        )
 
     def _seen(self) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
-        tensors = tuple(self.buffers[key] for key in TRACKED)
-        return tensors, tuple(tensor._version for tensor in tensors)
+        tensors: tuple[Tensor, ...] = _TRACKED(self.buffers)
+        return tensors, tuple(map(_VERSION, tensors))
 
     def _derive(self) -> Facts:
         """The facts, read from the buffers (host synchronisations)."""
@@ -147,36 +170,20 @@ class State:
         return Facts(pending, not meta and bool(stepped), calls, None, seen, versions)
 
     def _unchanged(self, facts: Facts) -> bool:
-        b, s, v = self.buffers, facts.seen, facts.versions
-        t0, t1, t2, t3 = b["logits"], b["exp_avg"], b["exp_avg_sq"], b["adam_step"]
-        t4, t5, t6 = b["window_sum"], b["window_count"], b["window_stepped"]
-        return (
-            t0 is s[0]
-            and t1 is s[1]
-            and t2 is s[2]
-            and t3 is s[3]
-            and t4 is s[4]
-            and t5 is s[5]
-            and t6 is s[6]
-            and (
-                t0._version,
-                t1._version,
-                t2._version,
-                t3._version,
-                t4._version,
-                t5._version,
-                t6._version,
-            )
-            == v
+        """Whether the buffers are the very tensors the facts describe, unwritten since."""
+        tensors = _TRACKED(self.buffers)
+        return all(map(operator.is_, tensors, facts.seen)) and (
+            tuple(map(_VERSION, tensors)) == facts.versions
         )
 
     def sync(self, *, strict: bool = True) -> Facts:
         """Facts that hold for the buffers as they are now (an eager call relies on them).
 
-        Written from outside since famo's last call: a valid FAMO state is taken as it is (a
-        user's edit, a loader); anything else written in place is replaced by famo's own last
-        state (the mirror: an average of states is not a state); anything else is refused
-        (``strict``) or left for the next call.
+        Written in place from outside since famo's last call: by a tool that rewrites every
+        buffer of a module (an average: ``AveragedModel``, an EMA), or with values that are not
+        a FAMO state, the buffers get famo's own last state back (the mirror); otherwise (a
+        user's edit, a loader) the state written is taken as it is. Replaced by tensors that are
+        not a FAMO state: refused (``strict``) or left for the next call.
         """
         if self.group.process_group is False and self.group.per_rank_in_many():
             check_own_state(self.module, self.buffers, self.version_seen)
@@ -197,6 +204,8 @@ class State:
         if any(tensor.is_meta for tensor in b.values()):
             self.replaced()
             return self.facts  # type: ignore[return-value]
+        if same and self.mirror_ok and self._rewritten_whole():
+            return self._repair(facts)
         try:
             tensors = self._read(b, b["logits"].device)
         except ValueError as error:
@@ -218,6 +227,7 @@ class State:
         names = [key for key in self.mirror]
         self.facts = None
         torch._foreach_copy_([self.buffers[key] for key in names], list(self.mirror.values()))
+        self._note_identity()
         seen, versions = self._seen()
         self.facts = facts = facts._replace(seen=seen, versions=versions)
         return facts
@@ -235,18 +245,19 @@ class State:
         )
 
     def _ensure_mirror(self) -> None:
+        """Make the mirror equal the buffers, unless it does already (one copy, or new tensors
+        where the buffers changed shape, dtype or device)."""
         if not self.mirror_ok:
-            mutable = [self.buffers[key] for key in _layout.MUTABLE]
-            mirror = self.mirror
-            if [t.shape for t in mirror.values()] == [t.shape for t in mutable] and all(
-                m.dtype == t.dtype and m.device == t.device
-                for m, t in zip(mirror.values(), mutable, strict=True)
+            current = [self.buffers[key] for key in _layout.KEYS]
+            mirror = list(self.mirror.values())
+            if len(mirror) == len(current) and all(
+                m.shape == t.shape and m.dtype == t.dtype and m.device == t.device
+                for m, t in zip(mirror, current, strict=True)
             ):
-                torch._foreach_copy_(list(mirror.values()), mutable)
+                torch._foreach_copy_(mirror, current)
             else:
-                self.mirror = {
-                    key: t.clone() for key, t in zip(_layout.MUTABLE, mutable, strict=True)
-                }
+                self.mirror = {key: t.clone() for key, t in zip(_layout.KEYS, current, strict=True)}
+                self.target_cache = {}
             self.mirror_ok = True
         self.mirror_started = True
 
@@ -256,49 +267,74 @@ class State:
         keys: tuple[str, ...],
         values: list[Tensor],
         facts: Callable[[tuple[Tensor, ...], tuple[int, ...]], Facts] | None,
+        applied: Tensor | None = None,
+        *,
+        compiled: bool = False,
     ) -> None:
         """One operation writes ``values`` into the buffers ``keys`` and, where the call began
         with a current mirror (:meth:`_ensure_mirror`), into the mirror; then the facts
-        (``facts(seen, versions)``; None: read from the buffers at the next call)."""
-        b = self.buffers
+        (``facts(seen, versions)``; None: read from the buffers at the next call). ``applied``:
+        the call's loss weights, which become :attr:`applied` if and only if the write happens.
+        """
         self.facts = None
-        mirrored = self.mirror_started and not is_compiling()
+        mirrored = not compiled and self.mirror_started
         self.mirror_ok = self.mirror_started = False
-        targets = [b[key] for key in keys]
         if mirrored:
-            mirror = self.mirror
-            for key, value in zip(keys, list(values), strict=True):
-                if mirror[key] is not value:  # (a step computed in the mirror is there already)
-                    targets.append(mirror[key])
-                    values.append(value)
-        write(targets, values)
-        if is_compiling():
+            # (The values of a step computed in the mirror are there already.)
+            in_mirror = values[0] is self.mirror.get(keys[0])
+            targets = self._targets(keys, in_mirror)
+            values = values + (values[len(ADAM) :] if in_mirror else values)
+        else:
+            targets = [self.buffers[key] for key in keys]
+        if applied is None or compiled:
+            write(targets, values)
+            if applied is not None:
+                self.applied = applied
+        else:
+            previous, version = self.applied, targets[0]._version
+            self.applied = applied
+            try:
+                write(targets, values)
+            except BaseException:
+                if targets[0]._version == version:  # not written: the call did not happen
+                    self.applied = previous
+                raise
+        if compiled:
             return
         self.mirror_ok = mirrored
         if facts is not None:
             seen, versions = self._seen()
             self.facts = facts(seen, versions)
 
+    def _targets(self, keys: tuple[str, ...], in_mirror: bool) -> list[Tensor]:
+        """The buffers ``keys`` and the mirror's (where the values are not there already), as
+        one list: kept, since the same commits come at every step."""
+        found = self.target_cache.get((keys, in_mirror))
+        if found is None:
+            b, mirror = self.buffers, self.mirror
+            skip = ADAM if in_mirror else ()
+            found = [b[key] for key in keys] + [mirror[k] for k in keys if k not in skip]
+            self.target_cache[(keys, in_mirror)] = found
+        return found
+
     # ------------------------------------------------------------------ the offset, Adam, moving
 
-    def offset_now(self) -> Tensor:
+    def offset_now(self, compiled: bool = False) -> Tensor:
         r""":math:`\epsilon - b` in the state's dtype, recomputed when the bounds or ``eps``
         change (a move or a load starts afresh)."""
         bounds = self.buffers["lower_bounds"]
         eps = self.settings["eps"]
-        dtype = self.buffers["logits"].dtype
-        if is_compiling():
-            return bounds.to(dtype).neg().add_(eps)
+        if compiled:  # (nothing cached: one graph)
+            return bounds.to(self.buffers["logits"].dtype).neg().add_(eps)
         key = self.offset_key
         if not key or key[0] is not bounds or key[1] != bounds._version or key[2] != eps:
-            self.offset = bounds.to(dtype).neg().add_(eps)
+            self.offset = bounds.to(self.buffers["logits"].dtype).neg().add_(eps)
             self.offset_key = (bounds, bounds._version, eps)
         return self.offset
 
     def fused(self, device: torch.device) -> bool:
-        """:func:`famo.functional.use_fused_adam`, asked again only when its inputs change."""
-        if is_compiling():
-            return False
+        """:func:`famo.functional.use_fused_adam`, asked again only when its inputs change
+        (eager calls; compiled ones run the formulas op by op)."""
         key = (device, torch.get_num_threads())
         if key != self.fused_key:
             self.fused_now, self.fused_key = functional.use_fused_adam(device), key
@@ -313,9 +349,14 @@ class State:
     def move(self, fn: Callable[[Tensor], Tensor]) -> None:
         """``_apply`` (``.to()``, ``.double()``, ``to_empty()``…): converted buffers; the facts
         go along (or are read again where a tool replaced the buffers since famo's last call)."""
+        if self.mirror_ok and not any(t.is_meta for t in self.buffers.values()):
+            self.publish()  # (a tool may have written the buffers through `.data`)
         facts = self.facts
         known = facts is not None and self._unchanged(facts)
-        self.buffers.update(_layout.convert(self.buffers, fn))
+        converted = _layout.convert(self.buffers, fn)
+        self.facts = None
+        self.mirror_ok = False
+        self.buffers.update(converted)
         if known and facts is not None:
             seen, versions = self._seen()
             self.replaced(facts._replace(lone_log=None, seen=seen, versions=versions))
@@ -364,11 +405,19 @@ class State:
             for key, value in new.items()
         )
         self.facts = None
-        if fits and not replace:
-            torch._foreach_copy_([b[key] for key in new], list(new.values()))
-        else:
-            b.update(new)  # one call: the buffers are all old or all new
-        self.applied = None
+        self.mirror_ok = False
+        previous, logits = self.applied, b["logits"]
+        version = logits._version
+        self.applied = None  # the weights of a call on another state
+        try:
+            if fits and not replace:
+                torch._foreach_copy_([b[key] for key in new], list(new.values()))
+            else:
+                b.update(new)  # one call: the buffers are all old or all new
+        except BaseException:
+            if b["logits"] is logits and logits._version == version:  # nothing was taken
+                self.applied = previous
+            raise
         self.replaced()
 
     def assign_bounds(self, bounds: Tensor) -> None:
@@ -381,10 +430,12 @@ class State:
             )
         current = self.buffers["lower_bounds"]
         value = bounds.to(current.device, current.dtype)
+        self._ensure_mirror()
+        targets = [current, self.mirror["lower_bounds"]]
         previous, version = self.initial_bounds, current._version
         self.initial_bounds = bounds  # it behaves as if built with them, reset included
         try:
-            current.copy_(value)
+            torch._foreach_copy_(targets, [value, value])
         except BaseException:
             if current._version == version:  # the bounds were not written
                 self.initial_bounds = previous
@@ -486,7 +537,7 @@ class State:
             log_d,
             offset=self.offset_now().to(values.device),
             bounds=b["lower_bounds"].to(values.device),
-            recorded=b["window_sum"] if accumulate else None,
+            recorded=self.current("window_sum") if accumulate else None,
             param=param,
             eps=self.settings["eps"],
             names=self.names,
@@ -497,11 +548,11 @@ class State:
 
     def prepare(self, batch: LossVector) -> Recording:
         """A recording ``loss``: the weights for the call's losses, and the commit that records
-        them (and, with ``extra_forward=False``, takes the pending logit step first)."""
-        if is_compiling():
-            return self._prepare_compiled(batch)
+        them (and, with ``extra_forward=False``, takes the pending logit step first). Eager;
+        :meth:`prepare_compiled` under ``torch.compile``."""
         values, mask = self.values(batch, follow=True, param="losses")
         facts = self.sync()
+        self._ensure_mirror()
         settings = self.settings
         learns = (
             not settings["extra_forward"]
@@ -518,7 +569,7 @@ class State:
             lone = not facts.pending and mask is None
 
             def record() -> None:
-                self._ensure_mirror()
+                self._ensure_mirror()  # (a no-op unless the buffers changed since `prepare`)
                 self._commit(
                     torch._foreach_add_,
                     WINDOW[:2],
@@ -531,8 +582,8 @@ class State:
                         seen,
                         versions,
                     ),
+                    weights,
                 )
-                self.applied = weights
 
             return Recording(weights, record)
         # extra_forward=False: this call's losses end the previous step, then open the window.
@@ -549,18 +600,15 @@ class State:
                 lambda seen, versions: Facts(
                     True, False, 1, log_d if mask is None else None, seen, versions
                 ),
+                weights,
             )
-            self.applied = weights
 
         return Recording(weights, learn_and_record)
 
-    def update(self, batch: LossVector, skip_tensor: Tensor | None) -> None:
-        """``update``: the logit step from the window to ``batch`` (the caller checked the
-        mode, that losses wait, and that ``skip`` is not True)."""
-        if is_compiling():
-            self._update_compiled(batch, skip_tensor)
-            return
-        facts = self.sync()
+    def update(self, batch: LossVector, skip_tensor: Tensor | None, facts: Facts) -> None:
+        """``update``: the logit step from the window to ``batch`` (the caller synced, checked
+        the mode, that losses wait, and that ``skip`` is not True). Eager;
+        :meth:`update_compiled` under ``torch.compile``."""
         if self.attachment is not None and not facts.stepped:
             self.clear()  # the step did not happen: nothing to learn from
             return
@@ -583,24 +631,23 @@ class State:
     ) -> tuple[tuple[str, ...], list[Tensor]]:
         """The logit step from the window to ``after`` (log D): which buffers it changes and
         their new values. The common case runs in the mirror; the rest out of place."""
-        b = self.buffers
         self._ensure_mirror()
+        mirror = self.mirror
         masked = self.settings["allow_missing_tasks"]
         calls = facts.calls if mask is None else None
         if facts.lone_log is not None and calls == 1:
             before = facts.lone_log
         else:
-            total, count = b["window_sum"], b["window_count"]
+            total, count = mirror["window_sum"], mirror["window_count"]
             before = window_log_distance(total, count, self.offset_now(), calls, masked)
-        fused = self.fused(b["logits"].device)
+        fused = self.fused(mirror["logits"].device)
         if self.plain and go is None:
-            mirror = self.mirror
             work = (mirror["logits"], mirror["exp_avg"], mirror["exp_avg_sq"], mirror["adam_step"])
             self.mirror_ok = False  # the work area now holds the step, not the state
             plain_step_(work, before, after, self.adam, fused)
             return ADAM, list(work)
         new = scheduled_step(
-            b,
+            mirror,
             before,
             after,
             mask,
@@ -615,26 +662,27 @@ class State:
 
     # ------------------------------------------------------------------ compiled calls
 
-    def _prepare_compiled(self, batch: LossVector) -> Recording:
+    def prepare_compiled(self, batch: LossVector) -> Recording:
         """Under ``torch.compile``: nothing read from Python facts, every decision a tensor, so
         that one graph serves whatever the window holds."""
         values, mask = self.values(batch, follow=True, param="losses")
         b, const = self.buffers, self.constants
-        log_d = functional.log_distance(values, self.offset_now(), mask)
+        log_d = functional.log_distance(values, self.offset_now(True), mask)
         present = const["one"] if mask is None else mask.to(values.dtype)
         if self.settings["extra_forward"]:
-            weights = functional.weights_from_log_distance(_outside(self.logits, mask), log_d)
+            weights = functional.weights_from_log_distance(_outside(b["logits"], mask), log_d)
 
             def record() -> None:
-                self._commit(torch._foreach_add_, WINDOW[:2], [values, present], None)
-                self.applied = weights
+                self._commit(
+                    torch._foreach_add_, WINDOW[:2], [values, present], None, weights, compiled=True
+                )
 
             return Recording(weights, record)
         ready = (b["window_count"] > 0).any()
         if self.attachment is not None:
             ready = ready & b["window_stepped"].bool()
         before = window_log_distance(
-            b["window_sum"], b["window_count"], self.offset_now(), None, True
+            b["window_sum"], b["window_count"], self.offset_now(True), None, True
         )
         new = self._scheduled(before, log_d, mask, ready)
         weights = functional.weights_from_log_distance(_outside(new["logits"], mask), log_d)
@@ -645,25 +693,33 @@ class State:
         ]
 
         def learn_and_record() -> None:
-            self._commit(torch._foreach_copy_, (*new, *WINDOW), [*new.values(), *window], None)
-            self.applied = weights
+            self._commit(
+                torch._foreach_copy_,
+                (*new, *WINDOW),
+                [*new.values(), *window],
+                None,
+                weights,
+                compiled=True,
+            )
 
         return Recording(weights, learn_and_record)
 
-    def _update_compiled(self, batch: LossVector, skip_tensor: Tensor | None) -> None:
+    def update_compiled(self, batch: LossVector, skip_tensor: Tensor | None) -> None:
         values, mask = self.values(batch, follow=False, param="new_losses")
         b, const = self.buffers, self.constants
-        after = functional.log_distance(values, self.offset_now(), mask)
+        after = functional.log_distance(values, self.offset_now(True), mask)
         go = None if skip_tensor is None else ~skip_tensor.to(after.device)
         if self.attachment is not None:
             stepped = b["window_stepped"].bool()
             go = stepped if go is None else go & stepped
         before = window_log_distance(
-            b["window_sum"], b["window_count"], self.offset_now(), None, True
+            b["window_sum"], b["window_count"], self.offset_now(True), None, True
         )
         new = self._scheduled(before, after, mask, go)
         zeros = [const["zero"], const["zero"], const["false"]]
-        self._commit(torch._foreach_copy_, (*new, *WINDOW), [*new.values(), *zeros], None)
+        self._commit(
+            torch._foreach_copy_, (*new, *WINDOW), [*new.values(), *zeros], None, compiled=True
+        )
 
     def _scheduled(
         self, before: Tensor, after: Tensor, mask: Tensor | None, go: Tensor | None
@@ -683,15 +739,41 @@ class State:
 
     # ------------------------------------------------------------------ reading
 
+    def current(self, key: str) -> Tensor:
+        """The state famo computes from: the mirror, where it is current (a tool that wrote the
+        buffers through ``.data``, which leaves no version behind, changes nothing that famo
+        uses, and the next commit or save writes the buffers again); else the buffers."""
+        mirror = self.mirror
+        return mirror[key] if self.mirror_ok and key in mirror else self.buffers[key]
+
     @property
     def logits(self) -> Tensor:
-        return self.buffers["logits"]
+        return self.current("logits")
 
-    def evaluate(self, batch: LossVector) -> Tensor:
+    def view(self, key: str) -> Tensor:
+        """The state of ``key`` as a public view reads it: edits from outside taken first."""
+        if is_compiling():
+            return self.buffers[key]
+        self.sync(strict=False)
+        return self.current(key)
+
+    def publish(self) -> None:
+        """The buffers made equal to the state famo computes from (before a save)."""
+        facts = self.sync(strict=False)
+        if not self.mirror_ok:
+            return
+        self.facts = None
+        keys = _layout.KEYS
+        torch._foreach_copy_([self.buffers[key] for key in keys], [self.mirror[k] for k in keys])
+        self._note_identity()
+        seen, versions = self._seen()
+        self.facts = facts._replace(seen=seen, versions=versions)
+
+    def evaluate(self, batch: LossVector, compiled: bool) -> Tensor:
         """The weights for local losses, changing nothing (a validation batch)."""
         values, mask = self.values(batch, follow=None, param="losses")
-        logits = self.logits
-        offset = self.offset_now()
+        logits = self.buffers["logits"] if compiled else self.logits
+        offset = self.offset_now(compiled)
         if values.device != logits.device:
             logits, offset = logits.to(values.device), offset.to(values.device)
         log_d = functional.log_distance(values, offset, mask)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar, overload
 
 import torch
@@ -202,7 +203,7 @@ class FAMOWeighting(nn.Module):
         >>> FAMOWeighting(4).weights
         tensor([0.2500, 0.2500, 0.2500, 0.2500])
         """
-        return torch.softmax(self._buffers["logits"].detach(), dim=0)
+        return torch.softmax(self._state.view("logits").detach(), dim=0)
 
     def weights_dict(self, prefix: str = "famo/", *, as_floats: bool = False) -> dict[str, Any]:
         """The weights :math:`z` as named scalars for a logger: ``{prefix + task: weight}``.
@@ -281,7 +282,7 @@ class FAMOWeighting(nn.Module):
     @property
     def steps(self) -> Tensor:
         """Adam's step count per task, shape (k,), in the state's dtype (a copy)."""
-        steps = self._buffers["adam_step"].to(self._buffers["logits"].dtype)
+        steps = self._state.view("adam_step").to(self._buffers["logits"].dtype)
         return steps.expand(self.num_tasks).clone() if steps.dim() == 0 else steps.clone()
 
     @property
@@ -292,12 +293,12 @@ class FAMOWeighting(nn.Module):
     @property
     def pending_sum(self) -> Tensor:
         """The sum of the losses recorded since the last logit step, shape (k,) (a copy)."""
-        return self._buffers["window_sum"].clone()
+        return self._state.view("window_sum").clone()
 
     @property
     def pending_count(self) -> Tensor:
         """How many losses were recorded since the last logit step, per task (a copy)."""
-        return self._buffers["window_count"].clone()
+        return self._state.view("window_count").clone()
 
     def reset(self) -> None:
         """Back to the start: zero logits (uniform weights), fresh Adam, nothing recorded, no
@@ -358,17 +359,18 @@ class FAMOWeighting(nn.Module):
         """
         state = self._state
         batch = self._read(losses, "losses")
+        compiled = is_compiling()
         if (
             not torch.is_grad_enabled()
-            or _replaying()
+            or (not compiled and _replaying())
             or _meta_call(batch, self._buffers["logits"])
         ):
-            with torch.no_grad():  # (meta losses trace shapes: computed on copies)
-                weights = state.evaluate(batch)
+            with _no_grad(compiled):  # (meta losses trace shapes: computed on copies)
+                weights = state.evaluate(batch, compiled)
             return _weighted_sum(batch, weights)
         require_grad(batch)
-        with torch.no_grad():
-            recording = state.prepare(batch)
+        with _no_grad(compiled):
+            recording = state.prepare_compiled(batch) if compiled else state.prepare(batch)
             recording.commit()
         return _weighted_sum(batch, recording.weights)
 
@@ -396,12 +398,14 @@ class FAMOWeighting(nn.Module):
             )
         batch = self._read(losses, "losses")
         require_grad(batch)
-        with torch.no_grad():
-            recording = self._state.prepare(batch)
+        compiled = is_compiling()
+        with _no_grad(compiled):
+            state = self._state
+            recording = state.prepare_compiled(batch) if compiled else state.prepare(batch)
         # Nothing is recorded until the backward pass has run: if it raises (out of memory, a
         # freed graph), the call changed nothing and the step can be retried.
         _weighted_sum(batch, recording.weights).backward(**kwargs)  # type: ignore[no-untyped-call]
-        with torch.no_grad():
+        with _no_grad(compiled):
             recording.commit()
 
     def update(self, new_losses: Any, *, skip: bool | Tensor = False) -> None:
@@ -438,7 +442,9 @@ class FAMOWeighting(nn.Module):
                 "extra_forward=False: it learns from the next batch's losses inside `loss` and "
                 "`backward`. Call only `backward` (or `loss`) once per step."
             )
-        if not is_compiling() and not state.sync().pending:
+        compiled = is_compiling()
+        facts = None if compiled else state.sync()
+        if facts is not None and not facts.pending:
             raise RuntimeError(
                 "`update` was called with no losses recorded. Call `backward(losses)` or "
                 "`loss(losses)` before the optimizer step, then `update(new_losses)` once after "
@@ -446,11 +452,13 @@ class FAMOWeighting(nn.Module):
             )
         skip_tensor = check_skip(skip)
         batch = self._read(new_losses, "new_losses")
-        with torch.no_grad():
+        with _no_grad(compiled):
             if skip is True:
                 state.clear()  # the step did not happen: nothing to learn from
+            elif facts is None:
+                state.update_compiled(batch, skip_tensor)
             else:
-                state.update(batch, skip_tensor)
+                state.update(batch, skip_tensor, facts)
 
     def discard(self) -> None:
         """Forget the recorded losses without learning from them (the step did not happen).
@@ -461,7 +469,7 @@ class FAMOWeighting(nn.Module):
         >>> famo.pending
         False
         """
-        with torch.no_grad():
+        with _no_grad(False):
             self._state.clear()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Attachment:
@@ -529,7 +537,7 @@ class FAMOWeighting(nn.Module):
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         if not is_compiling():
-            self._state.sync(strict=False)  # (a tool's average written in place is not saved)
+            self._state.publish()  # the state famo computes from (see famo._state)
         _layout.save(self._buffers, destination, prefix, keep_vars)
 
     def _load_from_state_dict(
@@ -564,6 +572,28 @@ class FAMOWeighting(nn.Module):
             error_msgs.append(str(error))
 
 
+class _NoGrad:
+    """``torch.no_grad()`` for eager calls, with no Python-visible torch call on the way out: an
+    interrupt delivered inside the block cannot leave autograd disabled."""
+
+    __slots__ = ("previous",)
+
+    def __enter__(self) -> None:
+        self.previous = torch._C.is_grad_enabled()
+        try:
+            torch._C._set_grad_enabled(False)
+        except BaseException:  # (delivered right after the switch: switched back)
+            torch._C._set_grad_enabled(self.previous)
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        torch._C._set_grad_enabled(self.previous)
+
+
+def _no_grad(compiled: bool) -> AbstractContextManager[Any]:
+    return torch.no_grad() if compiled else _NoGrad()
+
+
 def _weighted_sum(batch: LossVector, weights: Tensor) -> Tensor:
     """Σ wᵢ ℓᵢ over the losses as given (their graph, their dtype promoted)."""
     if batch.present is not None:
@@ -583,7 +613,7 @@ def _replaying() -> bool:
     (Reentrant checkpointing runs its forward under ``torch.no_grad()``, which records nothing,
     and the call it replays inside backward is then the one that records.)
     """
-    if is_compiling() or torch._C._current_graph_task_id() == -1:
+    if torch._C._current_graph_task_id() == -1:
         return False  # (a compiled region is recomputed inside its own graph, not by Python)
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
     return hooks is not None and "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from famo import FAMOWeighting
 
 #: The checkpoint keys of layout 3, written out here so that the tests pin the layout on their own
-#: (famo/_checkpoint.py declares it): all of them registered buffers.
+#: (famo/_layout.py declares it): all of them registered buffers.
 LAYOUT_3 = {
     "logits",
     "exp_avg",

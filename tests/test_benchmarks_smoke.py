@@ -104,7 +104,7 @@ def test_published_baseline_matches_the_golden_values_and_famo() -> None:
     from benchmarks.published import PublishedFAMO
     from famo import FAMOWeighting
 
-    # docs/design.md §3, G1 and G2.
+    # docs/design.md §6, G1 and G2.
     published = PublishedFAMO(2, dtype=torch.float64)
     losses = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
     objective = published.get_weighted_loss(losses)

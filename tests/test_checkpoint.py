@@ -1,6 +1,6 @@
 """Checkpoints: tensors only, torch's load rules, bit-identical resume at any step.
 
-The layout is described in ``famo/_checkpoint.py``; ``docs/design.md`` §4 states the resume
+The layout is described in ``famo/_layout.py``; ``docs/design.md`` §7 states the resume
 property.
 """
 

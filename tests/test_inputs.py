@@ -1,4 +1,4 @@
-"""``docs/design.md`` §5: every bad input gets a clear error before anything changes."""
+"""``docs/design.md`` §8: every bad input gets a clear error before anything changes."""
 
 from __future__ import annotations
 

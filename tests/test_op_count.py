@@ -1,6 +1,6 @@
 """The cost of a FAMO step, counted in ATen operations under a dispatch mode (deterministic).
 
-``docs/design.md`` §2 describes the common call: with ``validate=False`` and no task missing, a
+``docs/design.md`` §3 describes the common call: with ``validate=False`` and no task missing, a
 training step (``loss``, its backward, ``update``) is 19 operations, ``update`` alone 10, and none
 of them makes the host wait for the device. One of the 19 is the commit that makes ``update`` all
 or nothing (one ``_foreach_copy_`` of the step into the state); recording a call's losses is one

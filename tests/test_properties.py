@@ -1,4 +1,4 @@
-"""``docs/design.md`` §4: convexity, scale invariance, permutation, rate balancing."""
+"""``docs/design.md`` §7: convexity, scale invariance, permutation, rate balancing."""
 
 from __future__ import annotations
 
