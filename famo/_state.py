@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from famo import _checkpoint, _layout, functional
 from famo._attach import Attachment
-from famo._distributed import Group, all_reduce_sum_, check_own_state
+from famo._distributed import Group, check_own_state
 from famo._logit_step import Adam, plain_step_, scheduled_step, window_log_distance
 from famo._losses import LossVector, average_over_ranks, check_values
 
@@ -791,4 +791,3 @@ def _outside(logits: Tensor, mask: Tensor | None) -> Tensor:
     return logits if mask is None else logits.masked_fill(~mask, -torch.inf)
 
 
-__all__ = ["Facts", "State", "all_reduce_sum_"]

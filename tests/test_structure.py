@@ -4,7 +4,8 @@
   functions and under ``TYPE_CHECKING``;
 * no module reaches into a ``FAMOWeighting``'s private attributes but the one that defines it
   (the class holds one :class:`famo._state.State` and delegates to it);
-* the table of guarantees in ``docs/design.md`` names test files that exist.
+* ``docs/design.md``'s table of modules lists exactly famo's modules, and its table of
+  guarantees names test files that exist.
 """
 
 from __future__ import annotations
@@ -94,3 +95,11 @@ def test_the_table_of_guarantees_names_tests_that_exist() -> None:
     named = set(re.findall(r"`(tests/[\w/]+\.py)`", table))
     assert len(named) >= 15
     assert {path for path in named if not (ROOT / path).is_file()} == set()
+
+
+def test_the_map_of_modules_lists_exactly_famo_s_modules() -> None:
+    design = (ROOT / "docs" / "design.md").read_text()
+    table = design[design.index("## 2. Where each piece lives") : design.index("## 3.")]
+    listed = set(re.findall(r"`famo/(\w+\.py)`", table))
+    listed |= {f"{name}.py" for name in re.findall(r"`(\w+)\.py`", table)}
+    assert listed == {path.name for path in PACKAGE.glob("*.py")}
