@@ -53,6 +53,16 @@ def find_weighting(module: nn.Module, attribute: str | None, who: str) -> FAMOWe
     return candidates[0]
 
 
+def logged_weights(famo: FAMOWeighting, *, as_floats: bool = False) -> dict[str, Any]:
+    """What an integration logs: the task weights z under ``famo/task_weight/<task>`` and the
+    weights w applied to each loss (at the last recording call) under ``famo/loss_weight/<task>``.
+    """
+    return {
+        **famo.weights_dict("famo/task_weight/", as_floats=as_floats),
+        **famo.loss_weights_dict(as_floats=as_floats),
+    }
+
+
 class StepWindow:
     """The attachment of an integration's FAMOWeighting, and the batches of the current step."""
 

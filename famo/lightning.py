@@ -14,8 +14,10 @@ Lightning calls ``backward`` and ``optimizer.step()`` itself, so FAMO enters in 
   batch whose ``training_step`` returned ``None`` (Lightning's way to skip a batch) is not part
   of the window.
 
-The callback also logs the task weights (``famo/<task>``) through the Trainer's loggers after
-every optimizer step, unless ``FAMOCallback(log_weights=False)``.
+The callback also logs both kinds of weights through the Trainer's loggers after every optimizer
+step, unless ``FAMOCallback(log_weights=False)``: ``famo/task_weight/<task>`` are the task
+weights :math:`z` (on the log losses) and ``famo/loss_weight/<task>`` the weights :math:`w` that
+multiplied each loss's gradient in that step.
 
 The :class:`~famo.FAMOWeighting` is a submodule of the ``LightningModule``, so its whole state
 (logits, Adam moments, bounds, recorded losses; tensors only) is in the module's ``state_dict``
@@ -33,7 +35,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from famo._integrations import StepWindow, check_options, find_weighting
+from famo._integrations import StepWindow, check_options, find_weighting, logged_weights
 from famo._weighting import FAMOWeighting
 
 try:
@@ -59,10 +61,13 @@ class FAMOCallback(pl.Callback):
     inf/NaN gradients) leaves the logits as they are. With ``extra_forward=False`` nothing is
     recomputed: the first ``loss`` after a real step learns from the step's batches.
 
-    After each optimizer step the callback logs ``famo.weights_dict()`` (``{"famo/<task>":
-    weight}``, 0-dim tensors, no host sync) with ``LightningModule.log_dict(on_step=True,
-    on_epoch=False)``, so every logger of the Trainer writes them every ``log_every_n_steps``.
-    Without a logger (``logger=False``) nothing is logged.
+    After each optimizer step the callback logs ``famo/task_weight/<task>``, the task weights
+    :math:`z` (:attr:`~famo.FAMOWeighting.weights`, on the log losses), and
+    ``famo/loss_weight/<task>``, the weights :math:`w` that multiplied each loss's gradient at the
+    step's last recording call (:attr:`~famo.FAMOWeighting.loss_weights`); 0-dim tensors, no
+    host sync, through ``LightningModule.log_dict(on_step=True, on_epoch=False)``, so every
+    logger of the Trainer writes them every ``log_every_n_steps``. Without a logger
+    (``logger=False``) nothing is logged.
 
     A ``FAMOWeighting`` with ``warmup_steps`` or ``update_every`` keeps its schedule here: a
     learning step is an optimizer step that happened.
@@ -187,7 +192,7 @@ class FAMOCallback(pl.Callback):
             trainer.precision_plugin.forward_context,
         )
         if self.log_weights and trainer.loggers:
-            pl_module.log_dict(famo.weights_dict(), on_step=True, on_epoch=False)
+            pl_module.log_dict(logged_weights(famo), on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ internals
 

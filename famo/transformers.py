@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 from typing_extensions import override
 
-from famo._integrations import StepWindow, check_options, find_weighting
+from famo._integrations import StepWindow, check_options, find_weighting, logged_weights
 from famo._weighting import FAMOWeighting
 
 __all__ = ["FAMOTrainer"]
@@ -65,9 +65,11 @@ class FAMOTrainer(Trainer):
     the hook when training ends. With ``extra_forward=True`` it also recomputes the step's task
     losses after each optimizer step and calls ``famo.update`` (see the module docstring).
     Every ``log`` call (training logs every ``logging_steps``, evaluation, the final summary)
-    adds ``famo.weights_dict(as_floats=True)``, for example ``{"famo/copy": 0.41, ...}``, so
-    ``state.log_history`` and every reporting integration (TensorBoard, W&B, MLflow, ...) get the
-    weights.
+    adds both kinds of weights as floats: ``famo/task_weight/<task>``, the task weights :math:`z`
+    (:attr:`~famo.FAMOWeighting.weights`, on the log losses), and ``famo/loss_weight/<task>``,
+    the weights :math:`w` that multiplied each loss's gradient at the last training batch
+    (:attr:`~famo.FAMOWeighting.loss_weights`), so ``state.log_history`` and every reporting
+    integration (TensorBoard, W&B, MLflow, ...) get them.
 
     All ``Trainer`` arguments are accepted; the model must hold exactly one
     :class:`~famo.FAMOWeighting` as a submodule (or name it with ``weighting``), so that the
@@ -83,7 +85,8 @@ class FAMOTrainer(Trainer):
         ``TrainingArguments(remove_unused_columns=False)``.
     :param weighting: the attribute name of the ``FAMOWeighting`` on the model, or ``None``
         (default) to find the only one among the model's submodules.
-    :param log_weights: add the weights to every ``log`` call (default ``True``).
+    :param log_weights: add the weights :math:`z` and :math:`w` to every ``log`` call (default
+        ``True``).
     :raises ValueError: the model holds no ``FAMOWeighting``, or several and ``weighting`` is
         ``None``; ``weighting`` names something else.
     :raises TypeError: ``task_losses`` is neither ``None`` nor callable; ``log_weights`` is not
@@ -175,7 +178,7 @@ class FAMOTrainer(Trainer):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """``Trainer.log`` with the task weights added (when ``log_weights``)."""
         if self.log_weights:
-            logs.update(self.famo.weights_dict(as_floats=True))
+            logs.update(logged_weights(self.famo, as_floats=True))
         super().log(logs, *args, **kwargs)
 
 

@@ -236,14 +236,19 @@ def test_the_weights_are_in_the_csv_loggers_file(extra_forward: bool, tmp_path: 
     module = MultiTask(extra_forward=extra_forward).double()
     logger = pl.loggers.CSVLogger(tmp_path, name="run")
     trainer(4, logger=logger, log_every_n_steps=1).fit(module, loader(4))
-    rows = [row for row in metrics_csv(tmp_path) if row.get("famo/0")]
+    rows = [row for row in metrics_csv(tmp_path) if row.get("famo/task_weight/0")]
     assert len(rows) == 4  # once per optimizer step
-    keys = [f"famo/{task}" for task in range(TASKS)]
+    z_keys = [f"famo/task_weight/{task}" for task in range(TASKS)]
+    w_keys = [f"famo/loss_weight/{task}" for task in range(TASKS)]
     for row in rows:
-        assert sum(float(row[key]) for key in keys) == pytest.approx(1.0)
-    last = [float(rows[-1][key]) for key in keys]
-    assert last == pytest.approx(module.famo.weights.tolist(), rel=1e-6)
-    assert last != pytest.approx([1 / TASKS] * TASKS, rel=1e-4)  # the weights moved
+        assert sum(float(row[key]) for key in z_keys) == pytest.approx(1.0)
+        assert sum(float(row[key]) for key in w_keys) == pytest.approx(1.0)
+    last_z = [float(rows[-1][key]) for key in z_keys]
+    last_w = [float(rows[-1][key]) for key in w_keys]
+    assert last_z == pytest.approx(module.famo.weights.tolist(), rel=1e-6)
+    assert last_w == pytest.approx(module.famo.loss_weights.tolist(), rel=1e-6)
+    assert last_z != pytest.approx([1 / TASKS] * TASKS, rel=1e-4)  # the weights moved
+    assert last_w != pytest.approx(last_z, rel=1e-2)  # w = softmax(ξ − log D), not z
 
 
 def test_log_weights_false_logs_nothing(tmp_path: Path) -> None:
