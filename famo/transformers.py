@@ -5,9 +5,11 @@ task losses of a batch, whose logits learn on the Trainer's real optimizer steps
 carry the task weights. Three things make it a small change to an existing ``Trainer``:
 
 * the :class:`~famo.FAMOWeighting` is a submodule of the model (``model.famo =
-  FAMOWeighting(...)``), so its state is in the Trainer's own checkpoints (``model.safetensors``,
-  for a ``PreTrainedModel`` and for a plain ``nn.Module``) and ``train(resume_from_checkpoint=...)``
-  restores it;
+  FAMOWeighting(...)``). Every folder that the trainer saves the model to (each checkpoint, and
+  ``save_model``) also gets FAMO's ``state_dict`` as ``famo_state.safetensors``, and
+  ``train(resume_from_checkpoint=...)`` loads it back: FAMO resumes exactly even where the
+  model's own save leaves it out (a PEFT model saves only its adapter; DeepSpeed and FSDP may save
+  the model in shards);
 * the model returns its task losses (``outputs["task_losses"]``), or a function computes them;
 * nothing else: when training starts, the trainer attaches FAMO to its optimizer with
   :meth:`FAMOWeighting.attach <famo.FAMOWeighting.attach>`, and detaches it when training ends.
@@ -39,12 +41,17 @@ plain loop divides ``famo.loss(losses)`` by the window length.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 from typing_extensions import override
 
 from famo._integrations import StepWindow, check_options, find_weighting, logged_weights
@@ -53,6 +60,8 @@ from famo._weighting import FAMOWeighting
 __all__ = ["FAMOTrainer"]
 
 TaskLosses = Callable[[nn.Module, Mapping[str, Any]], Any]
+
+FAMO_STATE = "famo_state.safetensors"  # FAMO's state_dict, in every folder the model is saved to
 
 
 class FAMOTrainer(Trainer):
@@ -71,9 +80,15 @@ class FAMOTrainer(Trainer):
     (:attr:`~famo.FAMOWeighting.loss_weights`), so ``state.log_history`` and every reporting
     integration (TensorBoard, W&B, MLflow, ...) get them.
 
+    Every checkpoint folder (and the folder of ``save_model``) holds FAMO's ``state_dict`` in
+    ``famo_state.safetensors``, which ``train(resume_from_checkpoint=...)`` loads before training
+    resumes, whatever the model's own save holds: a PEFT model (``get_peft_model``) saves only
+    its adapter, yet the resumed run equals one that never stopped. With
+    ``LoraConfig(modules_to_save=["famo"])`` the trainer drives the copy that PEFT trains and
+    saves (the one ``model.famo.loss`` reaches).
+
     All ``Trainer`` arguments are accepted; the model must hold exactly one
-    :class:`~famo.FAMOWeighting` as a submodule (or name it with ``weighting``), so that the
-    Trainer's checkpoints hold FAMO's state.
+    :class:`~famo.FAMOWeighting` as a submodule (or name it with ``weighting``).
 
     :param task_losses: ``None`` (default): the model's output holds the task losses under
         ``"task_losses"`` (``outputs["task_losses"]``, for a dict or a ``ModelOutput``).
@@ -174,6 +189,42 @@ class FAMOTrainer(Trainer):
         if not return_outputs:
             return loss
         return loss, _predictions(outputs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, and FAMO's state beside the model (``famo_state.safetensors``),
+        which a PEFT adapter, or a sharded DeepSpeed or FSDP save, may not hold."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            folder = Path(str(output_dir if output_dir is not None else self.args.output_dir))
+            folder.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.famo.state_dict().items()}
+            safetensors.torch.save_file(state, str(folder / FAMO_STATE))
+
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        """``Trainer.train``; when resuming, FAMO's state comes from the checkpoint's
+        ``famo_state.safetensors`` (see the class docstring)."""
+        checkpoint: Any = resume_from_checkpoint
+        if checkpoint is True:
+            # as Trainer.train resolves it
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # type: ignore[no-untyped-call]
+        if isinstance(checkpoint, str | os.PathLike):
+            self._load_famo_state(Path(checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_famo_state(self, checkpoint: Path) -> None:
+        saved = checkpoint / FAMO_STATE
+        if saved.is_file():
+            self.famo.load_state_dict(safetensors.torch.load_file(str(saved)))
+        elif hasattr(self.model, "peft_config"):
+            warnings.warn(
+                f"{checkpoint} has no {FAMO_STATE} (a checkpoint of another trainer, or of an "
+                "older famo), and a PEFT model's checkpoint holds only its adapter: FAMO goes on "
+                "from its current state. Load its saved state with model.famo.load_state_dict "
+                "before train(), or resume from a checkpoint that FAMOTrainer saved.",
+                stacklevel=3,
+            )
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """``Trainer.log`` with the task weights added (when ``log_weights``)."""
