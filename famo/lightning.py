@@ -22,8 +22,10 @@ multiplied each loss's gradient in that step.
 The :class:`~famo.FAMOWeighting` is a submodule of the ``LightningModule``, so its whole state
 (logits, Adam moments, bounds, recorded losses; tensors only) is in the module's ``state_dict``
 and therefore in Lightning's own checkpoints; resuming with ``Trainer.fit(ckpt_path=...)``
-restores it. The callback holds nothing between optimizer steps, so it has no state to
-checkpoint.
+restores it. The callback also puts a copy of FAMO's state in every checkpoint (under
+``"famo_state"``), and restores it on resume when the module's saved ``state_dict`` left FAMO
+out (a ``state_dict`` override or an ``on_save_checkpoint`` that keeps only some weights, with
+``strict_loading = False``); otherwise the module's own copy is the one restored.
 
 Uses ``pytorch_lightning`` if it is installed, otherwise ``lightning.pytorch``.
 """
@@ -44,6 +46,8 @@ except ImportError:  # pragma: no cover - the unified `lightning` package
     import lightning.pytorch as pl  # type: ignore[no-redef]
 
 __all__ = ["FAMOCallback"]
+
+STATE_KEY = "famo_state"  # FAMO's state_dict in each checkpoint, whatever the module's holds
 
 TaskLosses = Callable[["pl.LightningModule", Any], Any]
 
@@ -71,6 +75,9 @@ class FAMOCallback(pl.Callback):
 
     A ``FAMOWeighting`` with ``warmup_steps`` or ``update_every`` keeps its schedule here: a
     learning step is an optimizer step that happened.
+
+    Every checkpoint also gets FAMO's ``state_dict`` under ``"famo_state"``; resuming restores it
+    when the module's saved ``state_dict`` left FAMO out (see the module docstring).
 
     :param losses: how to compute the task losses of a batch: the name of a method of the
         ``LightningModule`` taking the batch (default ``"task_losses"``), or a callable
@@ -193,6 +200,27 @@ class FAMOCallback(pl.Callback):
         )
         if self.log_weights and trainer.loggers:
             pl_module.log_dict(logged_weights(famo), on_step=True, on_epoch=False)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # The module's own hook runs after this one and may drop FAMO from its state_dict.
+        famo = self._famo(pl_module)
+        checkpoint[STATE_KEY] = {k: v.detach().clone() for k, v in famo.state_dict().items()}
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        saved = checkpoint.get(STATE_KEY)
+        if saved is None:
+            return  # saved without the callback: the module's state_dict is all there is
+        famo = self._famo(pl_module)
+        prefix = next(name for name, m in pl_module.named_modules() if m is famo)
+        module_state = checkpoint.get("state_dict", {})
+        if not all(f"{prefix}.{key}" in module_state for key in famo.state_dict()):
+            famo.load_state_dict(saved)  # the module's checkpoint left FAMO out
 
     # ------------------------------------------------------------------ internals
 

@@ -160,6 +160,39 @@ def test_resuming_from_a_lightning_checkpoint_is_bit_identical(
     assert_same(resumed, straight, exact=True)
 
 
+class SavesOnlyTheNetwork(MultiTask):
+    """A module whose checkpoints keep only some weights (as one that saves only an adapter)."""
+
+    strict_loading = False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith("net.")}
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+@pytest.mark.parametrize("extra_forward", [True, False])
+def test_a_checkpoint_whose_module_state_leaves_famo_out_still_resumes_bit_identically(
+    extra_forward: bool, tmp_path: Path
+) -> None:
+    def checkpointing(folder: Path) -> dict[str, Any]:
+        saving = pl.callbacks.ModelCheckpoint(
+            dirpath=folder, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True
+        )
+        return {"callbacks": [FAMOCallback(), saving], "enable_checkpointing": True}
+
+    straight = SavesOnlyTheNetwork(extra_forward=extra_forward).double()
+    trainer(4, **checkpointing(tmp_path / "straight")).fit(straight, loader(1))
+    path = tmp_path / "straight" / "epoch=1-step=2.ckpt"
+    saved = torch.load(path, weights_only=False)
+    assert not any(key.startswith("famo.") for key in saved["state_dict"])  # left out
+    assert saved["famo_state"]["adam_step"].item() == (2.0 if extra_forward else 1.0)
+
+    resumed = SavesOnlyTheNetwork(seed=5, extra_forward=extra_forward).double()
+    trainer(4, **checkpointing(tmp_path / "straight")).fit(resumed, loader(1), ckpt_path=path)
+    assert_same(resumed, straight, exact=True)
+
+
 def test_bf16_mixed_recomputes_the_after_losses_under_autocast() -> None:
     module = MultiTask(dtype=torch.float32)
     trainer(3, precision="bf16-mixed").fit(module, loader(3, torch.float32))
