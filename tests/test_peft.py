@@ -10,6 +10,7 @@ docs/recipes/peft.md is ``tests/_scripts/docs_peft.py``, run here.
 from __future__ import annotations
 
 import runpy
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,22 @@ def test_with_famo_in_modules_to_save_the_trainer_drives_the_copy_peft_saves(
 def saved_logits(tmp_path: Path) -> torch.Tensor:
     saved = safetensors_torch.load_file(str(checkpoint(tmp_path) / "famo_state.safetensors"))
     return saved["logits"]
+
+
+def test_resume_from_checkpoint_true_loads_famos_state_from_the_last_checkpoint(
+    tmp_path: Path,
+) -> None:
+    data = dataset(STEPS * ACCUMULATE * BATCH)
+    straight = lora(False)
+    trainer(
+        straight, arguments(tmp_path / "straight", STEPS, save_steps=2, **OPTIONS), data
+    ).train()
+    shutil.copytree(checkpoint(tmp_path), tmp_path / "stopped" / "checkpoint-2")  # a stopped run
+    resumed = lora(False, seed=7)
+    args = arguments(tmp_path / "stopped", STEPS, save_steps=10, **OPTIONS)
+    trainer(resumed, args, data).train(resume_from_checkpoint=True)
+    assert famo_of(resumed).steps.tolist() == [float(STEPS - 1)] * 3
+    assert_bit_identical(resumed, straight)
 
 
 def test_save_model_writes_famos_state_beside_the_adapter(tmp_path: Path) -> None:
