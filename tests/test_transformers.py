@@ -147,6 +147,9 @@ def test_resuming_from_the_trainers_checkpoint_equals_a_run_that_never_stopped(
     checkpoint = tmp_path / "straight" / "checkpoint-2"
     saved = safetensors_torch.load_file(str(checkpoint / "model.safetensors"))
     assert saved["famo.adam_step"].item() == (1.0 if not extra_forward else 2.0)
+    beside = safetensors_torch.load_file(str(checkpoint / "famo_state.safetensors"))
+    for name, value in beside.items():  # the same state, also beside the model's file
+        assert torch.equal(value, saved[f"famo.{name}"]), name
 
     resumed = MultiTask(seed=5, extra_forward=extra_forward)  # everything from the checkpoint
     assert not torch.equal(resumed.net[0].weight, straight.net[0].weight)
