@@ -217,7 +217,7 @@ class FAMOTrainer(Trainer):
         saved = checkpoint / FAMO_STATE
         if saved.is_file():
             self.famo.load_state_dict(safetensors.torch.load_file(str(saved)))
-        elif hasattr(self.model, "peft_config"):
+        elif hasattr(self.model, "peft_config") and not _saved_by_peft(self.model):
             warnings.warn(
                 f"{checkpoint} has no {FAMO_STATE} (a checkpoint of another trainer, or of an "
                 "older famo), and a PEFT model's checkpoint holds only its adapter: FAMO goes on "
@@ -267,6 +267,13 @@ def _find_famo(model: Any, weighting: str | None) -> FAMOWeighting:
             f"FAMOTrainer should get a model (an nn.Module). Found {type(model).__name__}."
         )
     return find_weighting(model, weighting, "FAMOTrainer")
+
+
+def _saved_by_peft(model: Any) -> bool:
+    """Whether PEFT saves a FAMOWeighting with the adapter (``modules_to_save=["famo"]``)."""
+    return any(
+        isinstance(getattr(m, "original_module", None), FAMOWeighting) for m in model.modules()
+    )
 
 
 def _predictions(outputs: Any) -> Any:

@@ -147,6 +147,22 @@ def test_a_peft_checkpoint_without_famos_state_warns(tmp_path: Path) -> None:
         resumed.train(resume_from_checkpoint=str(checkpoint(tmp_path)))
 
 
+def test_with_famo_in_modules_to_save_peft_alone_restores_it(tmp_path: Path) -> None:
+    data = dataset(STEPS * ACCUMULATE * BATCH)
+    config = {"modules_to_save": ["famo"]}
+    straight = lora(False, **config)
+    trainer(
+        straight, arguments(tmp_path / "straight", STEPS, save_steps=2, **OPTIONS), data
+    ).train()
+    (checkpoint(tmp_path) / "famo_state.safetensors").unlink()  # the adapter holds FAMO's copy
+    resumed = lora(False, seed=7, **config)
+    args = arguments(tmp_path / "resumed", STEPS, **OPTIONS)
+    trainer(resumed, args, data).train(
+        resume_from_checkpoint=str(checkpoint(tmp_path))
+    )  # no warning
+    assert_bit_identical(resumed, straight)
+
+
 def test_the_peft_recipe_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # docs/recipes/peft.md: the run resumed from checkpoint-5 ends where the one that never
     # stopped ends, FAMO included, though the checkpoint's model file is the adapter alone.
