@@ -147,6 +147,9 @@ def test_resuming_from_a_lightning_checkpoint_is_bit_identical(
     trainer(4, **checkpointing(tmp_path / "straight")).fit(straight, loader(1))
     path = tmp_path / "straight" / "epoch=1-step=2.ckpt"
     saved = torch.load(path, weights_only=False)["state_dict"]
+    copy = torch.load(path, weights_only=True)["famo_state"]  # the callback's copy, tensors only
+    assert copy.keys() == straight.famo.state_dict().keys()
+    assert all(torch.equal(value, saved[f"famo.{name}"]) for name, value in copy.items())
     if extra_forward:
         assert saved["famo.adam_step"].item() == 2.0
         assert not saved["famo.window_count"].any()  # saved between steps: nothing recorded
