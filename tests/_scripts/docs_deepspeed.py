@@ -8,7 +8,7 @@ from famo import FAMOWeighting
 
 CONFIG = {
     "train_micro_batch_size_per_gpu": 8,
-    "gradient_accumulation_steps": 2,  # DeepSpeed steps the optimizer every 2nd micro-batch
+    "gradient_accumulation_steps": 2,  # an optimizer step every 2nd micro-batch
     "zero_optimization": {"stage": 2},  # or 1
     "zero_allow_untested_optimizer": True,  # a torch.optim optimizer under ZeRO
 }
@@ -24,7 +24,7 @@ def build() -> tuple[deepspeed.DeepSpeedEngine, FAMOWeighting]:
     return engine, famo
 
 
-def train(engine: deepspeed.DeepSpeedEngine, famo: FAMOWeighting, batches: list) -> None:
+def train(engine, famo: FAMOWeighting, batches: list) -> None:
     for x, y in batches:  # micro-batches
         losses = ((engine(x) - y) ** 2).mean(dim=0)
         engine.backward(famo.loss(losses))

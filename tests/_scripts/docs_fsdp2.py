@@ -32,22 +32,25 @@ def train(model, optimizer, famo, batches) -> None:
 
 def save(folder: str, model, optimizer, famo) -> None:
     model_state, optimizer_state = get_state_dict(model, optimizer)  # sharded
-    state = {"model": model_state, "optimizer": optimizer_state, "famo": famo.state_dict()}
+    state = {"model": model_state, "optim": optimizer_state, "famo": famo.state_dict()}
     dcp.save(state, checkpoint_id=folder)  # every rank writes its own shards
 
 
 def load(folder: str, model, optimizer, famo) -> None:
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state, "famo": famo.state_dict()}
+    state = {"model": model_state, "optim": optimizer_state, "famo": famo.state_dict()}
     dcp.load(state, checkpoint_id=folder)  # in place, into the tensors of `state`
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optimizer_state,
     )
     famo.load_state_dict(state["famo"])
 
 
 def main() -> None:
-    dist.init_process_group("gloo")  # "nccl" for GPUs, with init_device_mesh("cuda", ...)
+    dist.init_process_group("gloo")  # "nccl" with init_device_mesh("cuda", ...) on GPUs
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(1)
@@ -68,7 +71,7 @@ def main() -> None:
     for before, after in zip(model.parameters(), resumed[0].parameters(), strict=True):
         assert torch.equal(before.full_tensor(), after.full_tensor())
     if rank == 0:
-        print("weights:", famo.weights_dict(as_floats=True), "steps:", famo.steps.tolist())
+        print("steps:", famo.steps.tolist(), "weights:", famo.weights.tolist())
     dist.destroy_process_group()
 
 

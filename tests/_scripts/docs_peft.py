@@ -18,8 +18,9 @@ class TwoTasks(nn.Module):  # a PreTrainedModel works the same way
 
 
 def lora_model() -> nn.Module:
-    torch.manual_seed(0)  # the same base weights each time: a pretrained model in practice
-    return get_peft_model(TwoTasks(), LoraConfig(r=4, target_modules=["net.0", "net.2"]))
+    torch.manual_seed(0)  # the same base weights each time (a pretrained model)
+    config = LoraConfig(r=4, target_modules=["net.0", "net.2"])
+    return get_peft_model(TwoTasks(), config)
 
 
 def fit(folder: str, resume_from: str | None = None) -> FAMOTrainer:

@@ -16,8 +16,8 @@ def train_loop(config: dict) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     famo = FAMOWeighting(["small", "large"])  # all-reduces over Ray's process group
     first_epoch = 0
-    # After a worker failure Ray restarts the loop from the run's latest checkpoint; a new run
-    # resumes from the checkpoint it is given.
+    # After a failure, Ray restarts the loop from the run's latest checkpoint;
+    # a new run resumes from the checkpoint it is given.
     checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -30,8 +30,9 @@ def train_loop(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     generator = torch.Generator().manual_seed(1)
-    x, y = torch.randn(64, 10, generator=generator), torch.randn(64, 2, generator=generator)
-    x, y = x[rank::world], y[rank::world] * torch.tensor([1.0, 30.0])  # this rank's shard
+    x = torch.randn(64, 10, generator=generator)
+    y = torch.randn(64, 2, generator=generator) * torch.tensor([1.0, 30.0])
+    x, y = x[rank::world], y[rank::world]  # this rank's shard
     for epoch in range(first_epoch, config["epochs"]):
         for i in range(0, len(x), 8):
             optimizer.zero_grad()
@@ -69,4 +70,5 @@ after_two_epochs = next(c for c, m in straight.best_checkpoints if m["epoch"] ==
 resumed = fit("resumed", resume_from=after_two_epochs)  # epochs 2 and 3 again
 # The resumed run ends exactly where the run that never stopped ends.
 assert resumed.metrics["logits"] == straight.metrics["logits"]
-print("weights:", torch.softmax(torch.tensor(straight.metrics["logits"]), dim=0).tolist())
+weights = torch.softmax(torch.tensor(straight.metrics["logits"]), dim=0)
+print("weights:", weights.tolist())
