@@ -9,6 +9,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,bench,docs]'
+	# DeepSpeed (tests/test_deepspeed.py) is an sdist whose build imports torch: built against
+	# the torch above (an isolated build would fetch a CUDA torch), without its CUDA kernels.
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --disable-pip-version-check --no-build-isolation \
+		-c constraints.txt 'deepspeed>=0.15'
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -32,17 +32,29 @@ def check_options(weighting: Any, log_weights: Any) -> None:
 def find_weighting(module: nn.Module, attribute: str | None, who: str) -> FAMOWeighting:
     """The FAMOWeighting an integration (``who``) drives: ``module.<attribute>``, or the only one.
 
+    A FAMOWeighting that PEFT holds twice (``LoraConfig(modules_to_save=["famo"])`` wraps it in a
+    ``ModulesToSaveWrapper`` with the original and a trained copy) counts once: the copy that the
+    model's ``self.famo.loss(...)`` reaches, which is also the one PEFT saves.
+
     :raises ValueError: the attribute is not a FAMOWeighting, or there is not exactly one.
     """
     if attribute is not None:
         found = getattr(module, attribute, None)
+        found = _in_use(found) or found
         if not isinstance(found, FAMOWeighting):
             raise ValueError(
                 f"`weighting` names {attribute!r}, but {type(module).__name__}.{attribute} is "
                 f"{type(found).__name__}, not a FAMOWeighting."
             )
         return found
-    candidates = [m for m in module.modules() if isinstance(m, FAMOWeighting)]
+    shadowed: set[int] = set()
+    for wrapper in module.modules():
+        used = _in_use(wrapper)
+        if used is not None:
+            shadowed |= {id(m) for m in wrapper.modules() if m is not used}
+    candidates = [
+        m for m in module.modules() if isinstance(m, FAMOWeighting) and id(m) not in shadowed
+    ]
     if len(candidates) != 1:
         raise ValueError(
             f"{who} should find one FAMOWeighting in {type(module).__name__}. Found "
@@ -51,6 +63,28 @@ def find_weighting(module: nn.Module, attribute: str | None, who: str) -> FAMOWe
             f"with {who}(weighting='attribute')."
         )
     return candidates[0]
+
+
+def _in_use(wrapper: Any) -> FAMOWeighting | None:
+    """For a module that wraps a FAMOWeighting and hands attribute look-ups to one of its copies
+    (PEFT's ``ModulesToSaveWrapper``: ``original_module`` and ``modules_to_save[adapter]``), the
+    copy that ``wrapper.loss`` reaches; ``None`` for any other module."""
+    if isinstance(wrapper, FAMOWeighting) or not isinstance(
+        getattr(wrapper, "original_module", None), FAMOWeighting
+    ):
+        return None
+    owner = getattr(getattr(wrapper, "loss", None), "__self__", None)
+    return owner if isinstance(owner, FAMOWeighting) else None
+
+
+def logged_weights(famo: FAMOWeighting, *, as_floats: bool = False) -> dict[str, Any]:
+    """What an integration logs: the task weights z under ``famo/task_weight/<task>`` and the
+    weights w applied to each loss (at the last recording call) under ``famo/loss_weight/<task>``.
+    """
+    return {
+        **famo.weights_dict("famo/task_weight/", as_floats=as_floats),
+        **famo.loss_weights_dict(as_floats=as_floats),
+    }
 
 
 class StepWindow:

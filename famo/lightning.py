@@ -14,14 +14,18 @@ Lightning calls ``backward`` and ``optimizer.step()`` itself, so FAMO enters in 
   batch whose ``training_step`` returned ``None`` (Lightning's way to skip a batch) is not part
   of the window.
 
-The callback also logs the task weights (``famo/<task>``) through the Trainer's loggers after
-every optimizer step, unless ``FAMOCallback(log_weights=False)``.
+The callback also logs both kinds of weights through the Trainer's loggers after every optimizer
+step, unless ``FAMOCallback(log_weights=False)``: ``famo/task_weight/<task>`` are the task
+weights :math:`z` (on the log losses) and ``famo/loss_weight/<task>`` the weights :math:`w` that
+multiplied each loss's gradient in that step.
 
 The :class:`~famo.FAMOWeighting` is a submodule of the ``LightningModule``, so its whole state
 (logits, Adam moments, bounds, recorded losses; tensors only) is in the module's ``state_dict``
 and therefore in Lightning's own checkpoints; resuming with ``Trainer.fit(ckpt_path=...)``
-restores it. The callback holds nothing between optimizer steps, so it has no state to
-checkpoint.
+restores it. The callback also puts a copy of FAMO's state in every checkpoint (under
+``"famo_state"``), and restores it on resume when the module's saved ``state_dict`` left FAMO
+out (a ``state_dict`` override or an ``on_save_checkpoint`` that keeps only some weights, with
+``strict_loading = False``); otherwise the module's own copy is the one restored.
 
 Uses ``pytorch_lightning`` if it is installed, otherwise ``lightning.pytorch``.
 """
@@ -33,7 +37,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from famo._integrations import StepWindow, check_options, find_weighting
+from famo._integrations import StepWindow, check_options, find_weighting, logged_weights
 from famo._weighting import FAMOWeighting
 
 try:
@@ -42,6 +46,8 @@ except ImportError:  # pragma: no cover - the unified `lightning` package
     import lightning.pytorch as pl  # type: ignore[no-redef]
 
 __all__ = ["FAMOCallback"]
+
+STATE_KEY = "famo_state"  # FAMO's state_dict in each checkpoint, whatever the module's holds
 
 TaskLosses = Callable[["pl.LightningModule", Any], Any]
 
@@ -59,13 +65,19 @@ class FAMOCallback(pl.Callback):
     inf/NaN gradients) leaves the logits as they are. With ``extra_forward=False`` nothing is
     recomputed: the first ``loss`` after a real step learns from the step's batches.
 
-    After each optimizer step the callback logs ``famo.weights_dict()`` (``{"famo/<task>":
-    weight}``, 0-dim tensors, no host sync) with ``LightningModule.log_dict(on_step=True,
-    on_epoch=False)``, so every logger of the Trainer writes them every ``log_every_n_steps``.
-    Without a logger (``logger=False``) nothing is logged.
+    After each optimizer step the callback logs ``famo/task_weight/<task>``, the task weights
+    :math:`z` (:attr:`~famo.FAMOWeighting.weights`, on the log losses), and
+    ``famo/loss_weight/<task>``, the weights :math:`w` that multiplied each loss's gradient at the
+    step's last recording call (:attr:`~famo.FAMOWeighting.loss_weights`); 0-dim tensors, no
+    host sync, through ``LightningModule.log_dict(on_step=True, on_epoch=False)``, so every
+    logger of the Trainer writes them every ``log_every_n_steps``. Without a logger
+    (``logger=False``) nothing is logged.
 
     A ``FAMOWeighting`` with ``warmup_steps`` or ``update_every`` keeps its schedule here: a
     learning step is an optimizer step that happened.
+
+    Every checkpoint also gets FAMO's ``state_dict`` under ``"famo_state"``; resuming restores it
+    when the module's saved ``state_dict`` left FAMO out (see the module docstring).
 
     :param losses: how to compute the task losses of a batch: the name of a method of the
         ``LightningModule`` taking the batch (default ``"task_losses"``), or a callable
@@ -187,7 +199,28 @@ class FAMOCallback(pl.Callback):
             trainer.precision_plugin.forward_context,
         )
         if self.log_weights and trainer.loggers:
-            pl_module.log_dict(famo.weights_dict(), on_step=True, on_epoch=False)
+            pl_module.log_dict(logged_weights(famo), on_step=True, on_epoch=False)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # The module's own hook runs after this one and may drop FAMO from its state_dict.
+        famo = self._famo(pl_module)
+        checkpoint[STATE_KEY] = {k: v.detach().clone() for k, v in famo.state_dict().items()}
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        saved = checkpoint.get(STATE_KEY)
+        if saved is None:
+            return  # saved without the callback: the module's state_dict is all there is
+        famo = self._famo(pl_module)
+        prefix = next(name for name, m in pl_module.named_modules() if m is famo)
+        module_state = checkpoint.get("state_dict", {})
+        if not all(f"{prefix}.{key}" in module_state for key in famo.state_dict()):
+            famo.load_state_dict(saved)  # the module's checkpoint left FAMO out
 
     # ------------------------------------------------------------------ internals
 

@@ -5,9 +5,11 @@ task losses of a batch, whose logits learn on the Trainer's real optimizer steps
 carry the task weights. Three things make it a small change to an existing ``Trainer``:
 
 * the :class:`~famo.FAMOWeighting` is a submodule of the model (``model.famo =
-  FAMOWeighting(...)``), so its state is in the Trainer's own checkpoints (``model.safetensors``,
-  for a ``PreTrainedModel`` and for a plain ``nn.Module``) and ``train(resume_from_checkpoint=...)``
-  restores it;
+  FAMOWeighting(...)``). Every folder that the trainer saves the model to (each checkpoint, and
+  ``save_model``) also gets FAMO's ``state_dict`` as ``famo_state.safetensors``, and
+  ``train(resume_from_checkpoint=...)`` loads it back: FAMO resumes exactly even where the
+  model's own save leaves it out (a PEFT model saves only its adapter; DeepSpeed and FSDP may save
+  the model in shards);
 * the model returns its task losses (``outputs["task_losses"]``), or a function computes them;
 * nothing else: when training starts, the trainer attaches FAMO to its optimizer with
   :meth:`FAMOWeighting.attach <famo.FAMOWeighting.attach>`, and detaches it when training ends.
@@ -39,20 +41,27 @@ plain loop divides ``famo.loss(losses)`` by the window length.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 from typing_extensions import override
 
-from famo._integrations import StepWindow, check_options, find_weighting
+from famo._integrations import StepWindow, check_options, find_weighting, logged_weights
 from famo._weighting import FAMOWeighting
 
 __all__ = ["FAMOTrainer"]
 
 TaskLosses = Callable[[nn.Module, Mapping[str, Any]], Any]
+
+FAMO_STATE = "famo_state.safetensors"  # FAMO's state_dict, in every folder the model is saved to
 
 
 class FAMOTrainer(Trainer):
@@ -65,13 +74,21 @@ class FAMOTrainer(Trainer):
     the hook when training ends. With ``extra_forward=True`` it also recomputes the step's task
     losses after each optimizer step and calls ``famo.update`` (see the module docstring).
     Every ``log`` call (training logs every ``logging_steps``, evaluation, the final summary)
-    adds ``famo.weights_dict(as_floats=True)``, for example ``{"famo/copy": 0.41, ...}``, so
-    ``state.log_history`` and every reporting integration (TensorBoard, W&B, MLflow, ...) get the
-    weights.
+    adds both kinds of weights as floats: ``famo/task_weight/<task>``, the task weights :math:`z`
+    (:attr:`~famo.FAMOWeighting.weights`, on the log losses), and ``famo/loss_weight/<task>``,
+    the weights :math:`w` that multiplied each loss's gradient at the last training batch
+    (:attr:`~famo.FAMOWeighting.loss_weights`), so ``state.log_history`` and every reporting
+    integration (TensorBoard, W&B, MLflow, ...) get them.
+
+    Every checkpoint folder (and the folder of ``save_model``) holds FAMO's ``state_dict`` in
+    ``famo_state.safetensors``, which ``train(resume_from_checkpoint=...)`` loads before training
+    resumes, whatever the model's own save holds: a PEFT model (``get_peft_model``) saves only
+    its adapter, yet the resumed run equals one that never stopped. With
+    ``LoraConfig(modules_to_save=["famo"])`` the trainer drives the copy that PEFT trains and
+    saves (the one ``model.famo.loss`` reaches).
 
     All ``Trainer`` arguments are accepted; the model must hold exactly one
-    :class:`~famo.FAMOWeighting` as a submodule (or name it with ``weighting``), so that the
-    Trainer's checkpoints hold FAMO's state.
+    :class:`~famo.FAMOWeighting` as a submodule (or name it with ``weighting``).
 
     :param task_losses: ``None`` (default): the model's output holds the task losses under
         ``"task_losses"`` (``outputs["task_losses"]``, for a dict or a ``ModelOutput``).
@@ -83,7 +100,8 @@ class FAMOTrainer(Trainer):
         ``TrainingArguments(remove_unused_columns=False)``.
     :param weighting: the attribute name of the ``FAMOWeighting`` on the model, or ``None``
         (default) to find the only one among the model's submodules.
-    :param log_weights: add the weights to every ``log`` call (default ``True``).
+    :param log_weights: add the weights :math:`z` and :math:`w` to every ``log`` call (default
+        ``True``).
     :raises ValueError: the model holds no ``FAMOWeighting``, or several and ``weighting`` is
         ``None``; ``weighting`` names something else.
     :raises TypeError: ``task_losses`` is neither ``None`` nor callable; ``log_weights`` is not
@@ -172,10 +190,46 @@ class FAMOTrainer(Trainer):
             return loss
         return loss, _predictions(outputs)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, and FAMO's state beside the model (``famo_state.safetensors``),
+        which a PEFT adapter, or a sharded DeepSpeed or FSDP save, may not hold."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            folder = Path(str(output_dir if output_dir is not None else self.args.output_dir))
+            folder.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.famo.state_dict().items()}
+            safetensors.torch.save_file(state, str(folder / FAMO_STATE))
+
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        """``Trainer.train``; when resuming, FAMO's state comes from the checkpoint's
+        ``famo_state.safetensors`` (see the class docstring)."""
+        checkpoint: Any = resume_from_checkpoint
+        if checkpoint is True:
+            # as Trainer.train resolves it
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # type: ignore[no-untyped-call]
+        if isinstance(checkpoint, str | os.PathLike):
+            self._load_famo_state(Path(checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_famo_state(self, checkpoint: Path) -> None:
+        saved = checkpoint / FAMO_STATE
+        if saved.is_file():
+            self.famo.load_state_dict(safetensors.torch.load_file(str(saved)))
+        elif hasattr(self.model, "peft_config") and not _saved_by_peft(self.model):
+            warnings.warn(
+                f"{checkpoint} has no {FAMO_STATE} (a checkpoint of another trainer, or of an "
+                "older famo), and a PEFT model's checkpoint holds only its adapter: FAMO goes on "
+                "from its current state. Load its saved state with model.famo.load_state_dict "
+                "before train(), or resume from a checkpoint that FAMOTrainer saved.",
+                stacklevel=3,
+            )
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """``Trainer.log`` with the task weights added (when ``log_weights``)."""
         if self.log_weights:
-            logs.update(self.famo.weights_dict(as_floats=True))
+            logs.update(logged_weights(self.famo, as_floats=True))
         super().log(logs, *args, **kwargs)
 
 
@@ -213,6 +267,13 @@ def _find_famo(model: Any, weighting: str | None) -> FAMOWeighting:
             f"FAMOTrainer should get a model (an nn.Module). Found {type(model).__name__}."
         )
     return find_weighting(model, weighting, "FAMOTrainer")
+
+
+def _saved_by_peft(model: Any) -> bool:
+    """Whether PEFT saves a FAMOWeighting with the adapter (``modules_to_save=["famo"]``)."""
+    return any(
+        isinstance(getattr(m, "original_module", None), FAMOWeighting) for m in model.modules()
+    )
 
 
 def _predictions(outputs: Any) -> Any:

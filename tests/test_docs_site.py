@@ -104,6 +104,10 @@ def test_the_site_has_every_page(site: Path) -> None:
                 "lightning",
                 "transformers",
                 "accelerate",
+                "peft",
+                "deepspeed",
+                "fsdp2",
+                "ray",
             ]
         ),
     ]:

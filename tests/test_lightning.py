@@ -147,6 +147,9 @@ def test_resuming_from_a_lightning_checkpoint_is_bit_identical(
     trainer(4, **checkpointing(tmp_path / "straight")).fit(straight, loader(1))
     path = tmp_path / "straight" / "epoch=1-step=2.ckpt"
     saved = torch.load(path, weights_only=False)["state_dict"]
+    copy = torch.load(path, weights_only=True)["famo_state"]  # the callback's copy, tensors only
+    assert copy.keys() == straight.famo.state_dict().keys()
+    assert all(torch.equal(value, saved[f"famo.{name}"]) for name, value in copy.items())
     if extra_forward:
         assert saved["famo.adam_step"].item() == 2.0
         assert not saved["famo.window_count"].any()  # saved between steps: nothing recorded
@@ -156,6 +159,39 @@ def test_resuming_from_a_lightning_checkpoint_is_bit_identical(
 
     resumed = MultiTask(seed=5, extra_forward=extra_forward).double()  # all from the file
     assert not torch.equal(resumed.net[0].weight, straight.net[0].weight)
+    trainer(4, **checkpointing(tmp_path / "straight")).fit(resumed, loader(1), ckpt_path=path)
+    assert_same(resumed, straight, exact=True)
+
+
+class SavesOnlyTheNetwork(MultiTask):
+    """A module whose checkpoints keep only some weights (as one that saves only an adapter)."""
+
+    strict_loading = False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith("net.")}
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+@pytest.mark.parametrize("extra_forward", [True, False])
+def test_a_checkpoint_whose_module_state_leaves_famo_out_still_resumes_bit_identically(
+    extra_forward: bool, tmp_path: Path
+) -> None:
+    def checkpointing(folder: Path) -> dict[str, Any]:
+        saving = pl.callbacks.ModelCheckpoint(
+            dirpath=folder, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True
+        )
+        return {"callbacks": [FAMOCallback(), saving], "enable_checkpointing": True}
+
+    straight = SavesOnlyTheNetwork(extra_forward=extra_forward).double()
+    trainer(4, **checkpointing(tmp_path / "straight")).fit(straight, loader(1))
+    path = tmp_path / "straight" / "epoch=1-step=2.ckpt"
+    saved = torch.load(path, weights_only=False)
+    assert not any(key.startswith("famo.") for key in saved["state_dict"])  # left out
+    assert saved["famo_state"]["adam_step"].item() == (2.0 if extra_forward else 1.0)
+
+    resumed = SavesOnlyTheNetwork(seed=5, extra_forward=extra_forward).double()
     trainer(4, **checkpointing(tmp_path / "straight")).fit(resumed, loader(1), ckpt_path=path)
     assert_same(resumed, straight, exact=True)
 
@@ -236,14 +272,19 @@ def test_the_weights_are_in_the_csv_loggers_file(extra_forward: bool, tmp_path: 
     module = MultiTask(extra_forward=extra_forward).double()
     logger = pl.loggers.CSVLogger(tmp_path, name="run")
     trainer(4, logger=logger, log_every_n_steps=1).fit(module, loader(4))
-    rows = [row for row in metrics_csv(tmp_path) if row.get("famo/0")]
+    rows = [row for row in metrics_csv(tmp_path) if row.get("famo/task_weight/0")]
     assert len(rows) == 4  # once per optimizer step
-    keys = [f"famo/{task}" for task in range(TASKS)]
+    z_keys = [f"famo/task_weight/{task}" for task in range(TASKS)]
+    w_keys = [f"famo/loss_weight/{task}" for task in range(TASKS)]
     for row in rows:
-        assert sum(float(row[key]) for key in keys) == pytest.approx(1.0)
-    last = [float(rows[-1][key]) for key in keys]
-    assert last == pytest.approx(module.famo.weights.tolist(), rel=1e-6)
-    assert last != pytest.approx([1 / TASKS] * TASKS, rel=1e-4)  # the weights moved
+        assert sum(float(row[key]) for key in z_keys) == pytest.approx(1.0)
+        assert sum(float(row[key]) for key in w_keys) == pytest.approx(1.0)
+    last_z = [float(rows[-1][key]) for key in z_keys]
+    last_w = [float(rows[-1][key]) for key in w_keys]
+    assert last_z == pytest.approx(module.famo.weights.tolist(), rel=1e-6)
+    assert last_w == pytest.approx(module.famo.loss_weights.tolist(), rel=1e-6)
+    assert last_z != pytest.approx([1 / TASKS] * TASKS, rel=1e-4)  # the weights moved
+    assert last_w != pytest.approx(last_z, rel=1e-2)  # w = softmax(ξ − log D), not z
 
 
 def test_log_weights_false_logs_nothing(tmp_path: Path) -> None:

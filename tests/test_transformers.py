@@ -147,6 +147,9 @@ def test_resuming_from_the_trainers_checkpoint_equals_a_run_that_never_stopped(
     checkpoint = tmp_path / "straight" / "checkpoint-2"
     saved = safetensors_torch.load_file(str(checkpoint / "model.safetensors"))
     assert saved["famo.adam_step"].item() == (1.0 if not extra_forward else 2.0)
+    beside = safetensors_torch.load_file(str(checkpoint / "famo_state.safetensors"))
+    for name, value in beside.items():  # the same state, also beside the model's file
+        assert torch.equal(value, saved[f"famo.{name}"]), name
 
     resumed = MultiTask(seed=5, extra_forward=extra_forward)  # everything from the checkpoint
     assert not torch.equal(resumed.net[0].weight, straight.net[0].weight)
@@ -200,15 +203,19 @@ def test_the_weights_are_in_the_log_history_and_reach_the_callbacks(tmp_path: Pa
     recorder = Recorder()
     run = trainer(model, arguments(tmp_path, 3), dataset(3 * BATCH), callbacks=[recorder])
     run.train()
-    keys = {"famo/a", "famo/b", "famo/c"}
+    z_keys = [f"famo/task_weight/{task}" for task in TASKS]
+    w_keys = [f"famo/loss_weight/{task}" for task in TASKS]
     training_logs = [entry for entry in run.state.log_history if "loss" in entry]
     assert len(training_logs) == 3
     for entry in [*training_logs, *recorder.logs]:
-        assert keys <= entry.keys()
-        assert all(isinstance(entry[key], float) for key in keys)
-        assert sum(entry[key] for key in keys) == pytest.approx(1.0)
+        for keys in (z_keys, w_keys):
+            assert set(keys) <= entry.keys()
+            assert all(isinstance(entry[key], float) for key in keys)
+            assert sum(entry[key] for key in keys) == pytest.approx(1.0)
     final = run.state.log_history[-1]
-    assert [final[f"famo/{task}"] for task in TASKS] == model.famo.weights.tolist()
+    assert [final[key] for key in z_keys] == model.famo.weights.tolist()
+    assert [final[key] for key in w_keys] == model.famo.loss_weights.tolist()
+    assert [final[key] for key in w_keys] != pytest.approx(model.famo.weights.tolist(), rel=1e-2)
 
     quiet = trainer(MultiTask(), arguments(tmp_path, 1), dataset(BATCH), log_weights=False)
     quiet.train()
@@ -229,7 +236,9 @@ def test_evaluation_leaves_famo_alone_and_reports_the_weighted_loss(tmp_path: Pa
         batches = [collate(dataset(3 * BATCH)[i : i + BATCH]) for i in range(0, 12, BATCH)]
         objectives = [model.famo.loss(model(**batch)["task_losses"]) for batch in batches]
     assert metrics["eval_loss"] == pytest.approx(float(torch.stack(objectives).mean()), rel=1e-6)
-    assert {"eval_loss", "famo/a"} <= run.state.log_history[-1].keys()
+    assert {"eval_loss", "famo/task_weight/a", "famo/loss_weight/a"} <= run.state.log_history[
+        -1
+    ].keys()
 
 
 def test_a_model_without_famo_or_task_losses_is_refused(tmp_path: Path) -> None:
@@ -354,7 +363,8 @@ def test_a_tiny_gpt2_with_missing_tasks_resumes_from_its_checkpoint(tmp_path: Pa
     ):
         if isinstance(a, Tensor):
             assert torch.equal(a, b), name
-    assert {"famo/copy", "famo/reverse", "famo/sort"} <= straight_run.state.log_history[0].keys()
+    logged = straight_run.state.log_history[0].keys()
+    assert {f"famo/task_weight/{task}" for task in LM_TASKS} <= logged
 
 
 # ---------------------------------------------------------------------- the docs' example
@@ -370,7 +380,7 @@ def test_the_readme_transformers_example_runs(
     assert famo.steps.tolist() == [19.0, 19.0]  # 20 optimizer steps; the 20th awaits a batch
     saved = safetensors_torch.load_file(str(tmp_path / "famo-run/checkpoint-20/model.safetensors"))
     assert torch.equal(saved["famo.logits"], famo.logits)
-    assert "{'famo/small': " in capsys.readouterr().out
+    assert "{'famo/task_weight/small': " in capsys.readouterr().out
 
 
 def test_import_famo_does_not_import_transformers() -> None:

@@ -25,30 +25,39 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 ATTEMPTS = 4
 
 
-def run_script(script: Path, *args: str, ranks: int | None = None) -> str:
-    """``python script args`` (under ``torchrun --nproc-per-node ranks`` if given); its output.
+def run_script(
+    script: Path,
+    *args: str,
+    ranks: int | None = None,
+    cwd: Path | None = None,
+    timeout_s: int = TIMEOUT_S,
+) -> str:
+    """``python script args`` (under ``torchrun --nproc-per-node ranks`` if given), in ``cwd``
+    (the repository's root by default); its output.
 
-    Fails the calling test if the script fails or runs past ``TIMEOUT_S``; on a timeout the
+    Fails the calling test if the script fails or runs past ``timeout_s``; on a timeout the
     whole process group (launcher and workers) is killed. A run that fails only by gloo's
     teardown abort is repeated (``ATTEMPTS`` runs in all).
     """
-    output, returncode = _run_once(script, args, ranks)
+    output, returncode = _run_once(script, args, ranks, cwd or ROOT, timeout_s)
     for _ in range(ATTEMPTS - 1):
         if returncode == 0 or TEARDOWN_ABORT not in output:
             break
-        output, returncode = _run_once(script, args, ranks)
+        output, returncode = _run_once(script, args, ranks, cwd or ROOT, timeout_s)
     assert returncode == 0, output[-3000:]
     return output
 
 
-def _run_once(script: Path, args: tuple[str, ...], ranks: int | None) -> tuple[str, int]:
+def _run_once(
+    script: Path, args: tuple[str, ...], ranks: int | None, cwd: Path, timeout_s: int
+) -> tuple[str, int]:
     command = [sys.executable]
     if ranks is not None:
         command += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
         [*command, str(script), *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -56,7 +65,7 @@ def _run_once(script: Path, args: tuple[str, ...], ranks: int | None) -> tuple[s
         start_new_session=True,
     )
     try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
+        output, _ = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         # torchrun's workers may sit in sessions of their own, holding the output pipe open.
@@ -65,5 +74,5 @@ def _run_once(script: Path, args: tuple[str, ...], ranks: int | None) -> tuple[s
             output, _ = process.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             output = "(no output: the workers could not be stopped)"
-        pytest.fail(f"{script.name} did not finish within {TIMEOUT_S} s:\n{output[-3000:]}")
+        pytest.fail(f"{script.name} did not finish within {timeout_s} s:\n{output[-3000:]}")
     return output, process.returncode

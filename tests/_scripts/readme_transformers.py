@@ -24,7 +24,7 @@ args = TrainingArguments(
     learning_rate=1e-2,
     per_device_train_batch_size=16,
     gradient_accumulation_steps=2,  # optional: one FAMO window per optimizer step
-    logging_steps=5,  # every log has famo/small and famo/large
+    logging_steps=5,  # every log has the weights famo/task_weight/small, ...
     report_to="none",  # "tensorboard", "wandb", "mlflow", ...: they get the weights too
     use_cpu=not torch.cuda.is_available(),
 )
@@ -32,3 +32,5 @@ data = [{"x": features, "y": targets} for features, targets in zip(x, y, strict=
 trainer = FAMOTrainer(model=TwoTasks(), args=args, train_dataset=data)
 trainer.train()  # later: trainer.train(resume_from_checkpoint=True) restores FAMO too
 print({k: v for k, v in trainer.state.log_history[-2].items() if k.startswith("famo/")})
+# {'famo/task_weight/small': ..., 'famo/task_weight/large': ...,
+#  'famo/loss_weight/small': ..., 'famo/loss_weight/large': ...}
