@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint docs clean
+.PHONY: test test-floor demo bench lint docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,30 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-floor
+
+# The oldest torch famo supports (pyproject.toml: torch>=FLOOR), pinned by constraints-floor.txt,
+# in an environment of its own with only what the core tests need. The core tests are the whole
+# suite less FLOOR_LEFT_OUT: what needs the integrations' frameworks, the docs site's tools, the
+# benchmarks' packages or a build of the package. PyPI's Linux torch wheels are CUDA builds, so
+# the first install downloads about 3 GB (nvidia-* packages); the tests run on the CPU.
+FLOOR_VENV := .venv-floor
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
+FLOOR_LEFT_OUT := famo/lightning.py famo/transformers.py tests/test_accelerate.py \
+	tests/test_lightning.py tests/test_lightning_skip.py tests/test_transformers.py \
+	tests/test_docs.py tests/test_docs_claims.py tests/test_docs_peers.py tests/test_docs_site.py \
+	tests/test_readme.py tests/test_citation.py tests/test_packaging.py \
+	tests/test_benchmarks_smoke.py tests/test_lm_example.py tests/test_qm9_gnn.py
+
+$(FLOOR_STAMP): pyproject.toml constraints-floor.txt
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints-floor.txt \
+		-e . 'pytest>=8' 'hypothesis>=6.100' 'numpy>=1.24'
+	touch $(FLOOR_STAMP)
+
+test-floor: $(FLOOR_STAMP)
+	FAMO_FLOOR_ENV=1 $(FLOOR_VENV)/bin/python -m pytest -q $(addprefix --ignore=,$(FLOOR_LEFT_OUT))
 
 # The documentation site, offline, into docs/_build/html; a warning fails the build. `make test`
 # builds it too (tests/test_docs_site.py), then opens every page in headless Chromium.
@@ -33,4 +57,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache docs/_build docs/_generated
+	rm -rf $(VENV) $(FLOOR_VENV) .mypy_cache .ruff_cache docs/_build docs/_generated
