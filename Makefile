@@ -16,9 +16,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check famo tests benchmarks docs/conf.py
 	$(BIN)/mypy famo
 
+# The floor's core tests run even when the main suite fails, and either failing fails `make test`.
 test: lint
-	$(BIN)/python -m pytest -q
-	$(MAKE) --no-print-directory test-floor
+	$(BIN)/python -m pytest -q; status=$$?; \
+	$(MAKE) --no-print-directory test-floor && exit $$status
 
 # The oldest torch famo supports (pyproject.toml: torch>=FLOOR), pinned by constraints-floor.txt,
 # in an environment of its own with only what the core tests need. The core tests are the whole
