@@ -1,14 +1,13 @@
 """What the documentation says about TorchJD's FAMO, checked against the installed torchjd.
 
-Each test is named in the "What changes" table of docs/migration.md, and
-``test_every_claim_in_the_table_has_its_test`` keeps the table and this file in step.
+Each row of the "What changes" table of docs/migration.md has its test here (``ROWS``), and
+``test_every_row_of_the_table_has_its_test`` keeps the table and this file in step.
 """
 
 from __future__ import annotations
 
 import inspect
 import io
-import re
 from pathlib import Path
 
 import pytest
@@ -36,11 +35,43 @@ def loss_sequence(steps: int, k: int = 2) -> list[tuple[torch.Tensor, torch.Tens
     return pairs
 
 
-def test_every_claim_in_the_table_has_its_test() -> None:
-    named = set(re.findall(r"`(test_[a-z_]+)`", MIGRATION.read_text(encoding="utf-8")))
+# The first cell of each row of the table, and the test that checks that row.
+ROWS = {
+    "losses of a shape": "test_torchjd_takes_a_shape_and_famo_the_flattened_losses",
+    "the value returned": "test_the_returned_values_differ_and_the_gradients_agree",
+    "the logits": "test_torchjd_logits_are_parameters_that_a_parent_optimizer_leaves_alone",
+    "`state_dict()`": "test_a_torchjd_checkpoint_resumes_differently",
+    "a loss at or below its bound": "test_a_loss_below_its_bound",
+    "several calls before `update` (accumulation)": "test_several_calls_before_update",
+    "a call under `torch.no_grad()` (validation)": "test_a_validation_call_between_steps",
+    "a batch without some tasks": "test_missing_tasks",
+}
+
+
+def table_rows() -> list[str]:
+    text = MIGRATION.read_text(encoding="utf-8")
+    table = text.split("### What changes", 1)[1].split("\n\n|", 1)[1].split("\n\n", 1)[0]
+    return [line.split(" | ")[0].removeprefix("| ") for line in ("|" + table).splitlines()[2:]]
+
+
+def test_every_row_of_the_table_has_its_test() -> None:
+    assert table_rows() == list(ROWS)
     here = {name for name in globals() if name.startswith("test_")}
-    assert named, "the table names its tests"
-    assert named <= here, named - here
+    assert set(ROWS.values()) <= here, set(ROWS.values()) - here
+
+
+def test_torchjd_takes_a_shape_and_famo_the_flattened_losses() -> None:
+    scalarizer, famo = TorchJDFAMO((2, 3)), FAMOWeighting(6)
+    for before, after in loss_sequence(5, k=6):
+        theirs = before.view(2, 3).clone().requires_grad_()
+        scalarizer(theirs).backward()
+        scalarizer.update(after.view(2, 3))
+        famo.backward(before.view(2, 3).flatten().clone().requires_grad_())
+        famo.update(after)
+    with pytest.raises(ValueError):
+        famo.loss(torch.ones(2, 3))  # one loss per task: a (2, 3) tensor is refused
+    theirs = torch.softmax(scalarizer._w.detach().flatten(), dim=0).view(2, 3)
+    torch.testing.assert_close(famo.weights.view(2, 3), theirs, rtol=0, atol=1e-6)
 
 
 def test_the_documented_defaults_are_torchjds() -> None:

@@ -158,6 +158,56 @@ def test_the_constructor_documents_every_option(site: Path) -> None:
         assert f"{option.name} –" in section, f"{option.name} is missing from the constructor"
 
 
+def _text(path: Path) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", path.read_text(encoding="utf-8")))
+
+
+# What the option descriptor's own docstring says; each option's attribute must show its record.
+DESCRIPTOR_INTERNALS = [
+    "Assigning calls the owner",
+    "An option as an attribute",
+    "_setting_changed",
+]
+
+
+def documentation_pages(site: Path) -> list[Path]:
+    """The pages written for readers: not the highlighted source files under ``_modules/``."""
+    return [path for path in pages(site) if "_modules" not in path.relative_to(site).parts]
+
+
+def test_no_page_shows_the_option_descriptors_internals(site: Path) -> None:
+    for path in documentation_pages(site):
+        text = _text(path)
+        for internal in DESCRIPTOR_INTERNALS:
+            assert internal not in text, f"{path.relative_to(site)} shows {internal!r}"
+
+
+# Pages whose subject is how famo itself is checked cite the tests; the others do not.
+HOW_IT_IS_CHECKED = {"design.html", "guarantees.html"}
+
+
+def test_user_pages_show_no_test_plumbing(site: Path) -> None:
+    for path in documentation_pages(site):
+        name = path.relative_to(site).as_posix()
+        if name in HOW_IT_IS_CHECKED:
+            continue
+        text = _text(path)
+        for plumbing in ("tests/", "_scripts", "This block is"):
+            assert plumbing not in text, f"{name} shows {plumbing!r}"
+
+
+def test_code_blocks_have_a_copy_button_and_the_index_is_linked(site: Path) -> None:
+    """sphinx-copybutton's script is a file of the site, loaded by every documentation page."""
+    for path in documentation_pages(site):
+        resources = parse(path).resources
+        script = [r for r in resources if urllib.parse.urlparse(r).path.endswith("copybutton.js")]
+        assert script, f"{path.relative_to(site)} loads no copy button"
+        target = (path.parent / urllib.parse.urlparse(script[0]).path).resolve()
+        assert target.is_file(), script[0]
+    assert (site / "genindex.html").is_file()
+    assert "genindex.html" in parse(site / "index.html").links
+
+
 def test_internal_links_resolve(site: Path) -> None:
     """Every link inside the site names a file of it and, with a fragment, an id on that page."""
     for path in pages(site):
@@ -258,14 +308,38 @@ def _requests(driver: Any) -> list[str]:
     return urls
 
 
+# A code block or table of the text column whose content is wider than what shows of it.
+_CUT_OFF = """
+const cut = [];
+for (const element of document.querySelectorAll('article pre, article table')) {
+  const box = element.closest('.table-wrapper') || element;
+  if (element.scrollWidth > element.clientWidth + 1 || box.scrollWidth > box.clientWidth + 1) {
+    cut.push(element.tagName + ' ' + element.scrollWidth + ' px in ' + box.clientWidth + ' px: '
+             + element.innerText.slice(0, 50));
+  }
+}
+return cut;
+"""
+
+# The colour of an added and of a removed line of a diff, and of an unchanged one.
+_DIFF_COLOURS = """
+const block = document.querySelector('div.highlight-diff pre');
+const colour = (selector) => getComputedStyle(block.querySelector(selector) || block).color;
+return [colour('.gi'), colour('.gd'), getComputedStyle(block).color];
+"""
+
+
 def test_the_site_in_a_real_browser(site: Path, served: str, browser: Any) -> None:
-    """Every page loads with no console error and no request off the site; math is typeset;
-    screenshots of the front page and a recipe are saved; search finds pages."""
+    """Every page loads with no console error and no request off the site; math is typeset; no
+    code block or table is cut off at 1280 px; code blocks have copy buttons; a diff's added and
+    removed lines have colours of their own in the light and the dark theme; screenshots of the
+    front page and a recipe are saved; search finds pages."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     failures: list[str] = []
     typeset_pages = 0
+    copy_buttons = 0
     for path in pages(site):
         name = path.relative_to(site).as_posix()
         browser.get(served + name)
@@ -282,6 +356,12 @@ def test_the_site_in_a_real_browser(site: Path, served: str, browser: Any) -> No
                 failures.append(f"{name}: math left as TeX (no MathJax output)")
             if browser.find_elements(By.CSS_SELECTOR, "mjx-merror"):
                 failures.append(f"{name}: MathJax could not typeset some TeX")
+        if not name.startswith("_modules/"):  # highlighted source files scroll, like any code
+            for cut in browser.execute_script(_CUT_OFF):
+                failures.append(f"{name}: cut off at 1280 px: {cut}")
+            copy_buttons += browser.execute_script(
+                "return document.querySelectorAll('button.copybtn').length"
+            )
         for entry in browser.get_log("browser"):
             if entry["level"] == "SEVERE":
                 failures.append(f"{name}: console error: {entry['message']}")
@@ -300,6 +380,7 @@ def test_the_site_in_a_real_browser(site: Path, served: str, browser: Any) -> No
                     failures.append(f"{name}: broken link {href}")
     assert not failures, "\n".join(failures)
     assert typeset_pages >= 3, f"MathJax typeset only {typeset_pages} pages"
+    assert copy_buttons >= 40, f"only {copy_buttons} copy buttons on the user pages"
 
     folder = Path(os.environ.get("FAMO_DOCS_SCREENSHOTS", DOCS / "_build" / "screenshots"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -310,6 +391,14 @@ def test_the_site_in_a_real_browser(site: Path, served: str, browser: Any) -> No
         browser.save_screenshot(str(folder / file))
         assert (folder / file).stat().st_size > 10_000
         print(f"screenshot: {folder / file}")
+
+    # The front page's diff in both themes: + and - lines differ from each other and from text.
+    for theme in ("light", "dark"):
+        browser.get(served + "index.html")
+        _wait(lambda: browser.execute_script("return document.readyState") == "complete")
+        browser.execute_script(f"document.body.dataset.theme = '{theme}'")
+        added, removed, plain = browser.execute_script(_DIFF_COLOURS)
+        assert len({added, removed, plain}) == 3, (theme, added, removed, plain)
 
     # Search, as a reader uses it: type in the sidebar's box, press Enter, read the results.
     browser.get(served + "index.html")

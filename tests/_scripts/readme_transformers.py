@@ -24,13 +24,16 @@ args = TrainingArguments(
     learning_rate=1e-2,
     per_device_train_batch_size=16,
     gradient_accumulation_steps=2,  # optional: one FAMO window per optimizer step
-    logging_steps=5,  # every log has the weights famo/task_weight/small, ...
+    logging_steps=5,  # every log has famo/task_weight/... and famo/loss_weight/...
     report_to="none",  # "tensorboard", "wandb", "mlflow", ...: they get the weights too
+    label_names=["y"],  # batches with labels: evaluation computes eval_loss
     use_cpu=not torch.cuda.is_available(),
 )
 data = [{"x": features, "y": targets} for features, targets in zip(x, y, strict=True)]
-trainer = FAMOTrainer(model=TwoTasks(), args=args, train_dataset=data)
+trainer = FAMOTrainer(model=TwoTasks(), args=args, train_dataset=data, eval_dataset=data[:64])
 trainer.train()  # later: trainer.train(resume_from_checkpoint=True) restores FAMO too
 print({k: v for k, v in trainer.state.log_history[-2].items() if k.startswith("famo/")})
 # {'famo/task_weight/small': ..., 'famo/task_weight/large': ...,
 #  'famo/loss_weight/small': ..., 'famo/loss_weight/large': ...}
+metrics = trainer.evaluate()  # FAMO records nothing here
+print(metrics["eval_loss"])  # FAMO's objective Σ w ℓ, with the weights at the end
