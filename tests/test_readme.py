@@ -36,6 +36,10 @@ SETUPS = {
     "lightning": "Lightning",
     "transformers": "Hugging Face `Trainer`",
     "accelerate": "Accelerate",
+    "deepspeed": "DeepSpeed",
+    "fsdp2": "FSDP2",
+    "ray": "Ray Train",
+    "peft": "PEFT / LoRA",
 }
 
 

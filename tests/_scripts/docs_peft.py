@@ -45,4 +45,4 @@ straight = fit("run")  # 10 steps without a stop
 resumed = fit("resumed", resume_from="run/checkpoint-5")  # a new process, from step 5
 # FAMO resumed where it stopped: it ends exactly where the run that never stopped ends.
 assert torch.equal(resumed.famo.logits, straight.famo.logits)
-print(resumed.famo.weights_dict(as_floats=True))
+print(resumed.famo.weights_dict(as_floats=True))  # z, the task weights
