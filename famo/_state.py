@@ -789,5 +789,3 @@ def _adam(settings: Mapping[str, Any]) -> Adam:
 def _outside(logits: Tensor, mask: Tensor | None) -> Tensor:
     """The logits, -inf outside ``mask`` (tasks missing from the call get weight 0)."""
     return logits if mask is None else logits.masked_fill(~mask, -torch.inf)
-
-
