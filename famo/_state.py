@@ -646,18 +646,7 @@ class State:
             self.mirror_ok = False  # the work area now holds the step, not the state
             plain_step_(work, before, after, self.adam, fused)
             return ADAM, list(work)
-        new = scheduled_step(
-            mirror,
-            before,
-            after,
-            mask,
-            go,
-            warmup_steps=self.settings["warmup_steps"],
-            update_every=self.settings["update_every"],
-            masked=masked,
-            adam=self.adam,
-            fused=fused,
-        )
+        new = self._scheduled(mirror, before, after, mask, go, fused)
         return tuple(new), list(new.values())
 
     # ------------------------------------------------------------------ compiled calls
@@ -684,7 +673,7 @@ class State:
         before = window_log_distance(
             b["window_sum"], b["window_count"], self.offset_now(True), None, True
         )
-        new = self._scheduled(before, log_d, mask, ready)
+        new = self._scheduled(b, before, log_d, mask, ready)
         weights = functional.weights_from_log_distance(_outside(new["logits"], mask), log_d)
         window = [
             torch.where(ready, values, b["window_sum"] + values),
@@ -715,17 +704,25 @@ class State:
         before = window_log_distance(
             b["window_sum"], b["window_count"], self.offset_now(True), None, True
         )
-        new = self._scheduled(before, after, mask, go)
+        new = self._scheduled(b, before, after, mask, go)
         zeros = [const["zero"], const["zero"], const["false"]]
         self._commit(
             torch._foreach_copy_, (*new, *WINDOW), [*new.values(), *zeros], None, compiled=True
         )
 
     def _scheduled(
-        self, before: Tensor, after: Tensor, mask: Tensor | None, go: Tensor | None
+        self,
+        source: Mapping[str, Tensor],
+        before: Tensor,
+        after: Tensor,
+        mask: Tensor | None,
+        go: Tensor | None,
+        fused: bool = False,
     ) -> dict[str, Tensor]:
+        """:func:`famo._logit_step.scheduled_step` from ``source`` (the mirror, or compiled: the
+        buffers) with the object's options."""
         return scheduled_step(
-            self.buffers,
+            source,
             before,
             after,
             mask,
@@ -734,7 +731,7 @@ class State:
             update_every=self.settings["update_every"],
             masked=self.settings["allow_missing_tasks"],
             adam=self.adam,
-            fused=False,
+            fused=fused,
         )
 
     # ------------------------------------------------------------------ reading
