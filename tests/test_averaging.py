@@ -104,7 +104,7 @@ def test_an_average_copied_into_the_live_model_leaves_famo_as_it_was(through: st
     twin_optimizer = torch.optim.SGD(twin.net.parameters(), lr=0.05)
     averaged = AveragedModel(model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(0.5))
     train(model, optimizer, data[:4], hook=lambda: averaged.update_parameters(model))
-    average = {key: value.clone() for key, value in averaged.module.famo._buffers.items()}
+    average = {key: value.clone() for key, value in averaged.module.famo.named_buffers()}
     assert not torch.equal(average["adam_step"], average["adam_step"].round())  # an average
     with torch.no_grad():
         for key, value in model.famo.named_buffers():
