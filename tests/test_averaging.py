@@ -121,9 +121,11 @@ def test_an_average_copied_into_the_live_model_leaves_famo_as_it_was(through: st
 def test_a_hand_made_deepcopy_ema_keeps_famo_whole() -> None:
     # The common EMA loop: a deepcopy whose every floating tensor follows with lerp_.
     data = batches(5)
-    model = Holder()
+    model, twin = Holder(), Holder()
     optimizer = torch.optim.SGD(model.net.parameters(), lr=0.05)
+    twin_optimizer = torch.optim.SGD(twin.net.parameters(), lr=0.05)
     ema = copy.deepcopy(model)
+    copied = snapshot(ema.famo)
 
     def follow() -> None:
         with torch.no_grad():
@@ -136,6 +138,9 @@ def test_a_hand_made_deepcopy_ema_keeps_famo_whole() -> None:
                     mine.lerp_(theirs, 0.1)
 
     train(model, optimizer, data, hook=follow)
+    train(twin, twin_optimizer, data)
+    assert_same_state(model.famo, snapshot(twin.famo))
+    assert_same_state(ema.famo, copied)  # its own state, from when the copy was made
     next_step_and_checkpoint(ema.famo)
     next_step_and_checkpoint(model.famo)
 
