@@ -67,11 +67,9 @@ class Facts(NamedTuple):
     versions: tuple[int, ...]  # their version counters then
 
 
-class Recording(NamedTuple):
-    """A recording call, computed but not yet committed (:meth:`State.prepare`)."""
-
-    weights: Tensor  # w for the call's losses, in their order
-    commit: Callable[[], None]
+#: A recording call, computed but not yet committed (:meth:`State.prepare`): the weights w for
+#: the call's losses, in their order, and the commit. (A plain tuple: made at every call.)
+Recording = tuple[Tensor, Callable[[], None]]
 
 
 class State:
@@ -93,6 +91,7 @@ class State:
         self.num_tasks, self.names = num_tasks, names
         self.initial_bounds = bounds  # float64 on the CPU: what reset_parameters restores
         self.group = Group(settings["process_group"])
+        self.per_rank = settings["process_group"] is False  # one state per rank
         self.attachment: Attachment | None = None
         self.applied: Tensor | None = None  # w of the last recording call
         # The common case, fixed at construction: every task, no schedule.
@@ -185,7 +184,7 @@ class State:
         user's edit, a loader) the state written is taken as it is. Replaced by tensors that are
         not a FAMO state: refused (``strict``) or left for the next call.
         """
-        if self.group.process_group is False and self.group.per_rank_in_many():
+        if self.per_rank and self.group.per_rank_in_many():
             check_own_state(self.module, self.buffers, self.version_seen)
         facts = self.facts
         if facts is not None and self._unchanged(facts):
@@ -560,11 +559,18 @@ class State:
             and (self.attachment is None or facts.stepped)
         )
         offset = self.offset_now()
-        log_d = functional.log_distance(values, offset, mask)
+        if mask is None:  # (functional.log_distance, inline: the common case)
+            log_d = torch.add(values, offset).log_()
+        else:
+            log_d = functional.log_distance(values, offset, mask)
         if settings["validate"]:
             self.check(batch, values, log_d, "losses", accumulate=facts.pending and not learns)
         if not learns:
-            weights = functional.weights_from_log_distance(_outside(self.logits, mask), log_d)
+            logits = self.current("logits")
+            if mask is None:  # (functional.weights_from_log_distance, inline)
+                weights = torch.softmax(torch.sub(logits, log_d), dim=0)
+            else:
+                weights = functional.weights_from_log_distance(_outside(logits, mask), log_d)
             present = self.constants["one"] if mask is None else mask.to(values.dtype)
             lone = not facts.pending and mask is None
 
@@ -585,7 +591,7 @@ class State:
                     weights,
                 )
 
-            return Recording(weights, record)
+            return weights, record
         # extra_forward=False: this call's losses end the previous step, then open the window.
         keys, new = self._learn(facts, log_d, mask, None)
         logits = new[keys.index("logits")] if "logits" in keys else self.logits
@@ -603,7 +609,7 @@ class State:
                 weights,
             )
 
-        return Recording(weights, learn_and_record)
+        return weights, learn_and_record
 
     def update(self, batch: LossVector, skip_tensor: Tensor | None, facts: Facts) -> None:
         """``update``: the logit step from the window to ``batch`` (the caller synced, checked
@@ -666,7 +672,7 @@ class State:
                     torch._foreach_add_, WINDOW[:2], [values, present], None, weights, compiled=True
                 )
 
-            return Recording(weights, record)
+            return weights, record
         ready = (b["window_count"] > 0).any()
         if self.attachment is not None:
             ready = ready & b["window_stepped"].bool()
@@ -691,7 +697,7 @@ class State:
                 compiled=True,
             )
 
-        return Recording(weights, learn_and_record)
+        return weights, learn_and_record
 
     def update_compiled(self, batch: LossVector, skip_tensor: Tensor | None) -> None:
         values, mask = self.values(batch, follow=False, param="new_losses")

@@ -370,9 +370,9 @@ class FAMOWeighting(nn.Module):
             return _weighted_sum(batch, weights)
         require_grad(batch)
         with _no_grad(compiled):
-            recording = state.prepare_compiled(batch) if compiled else state.prepare(batch)
-            recording.commit()
-        return _weighted_sum(batch, recording.weights)
+            weights, commit = state.prepare_compiled(batch) if compiled else state.prepare(batch)
+            commit()
+        return _weighted_sum(batch, weights)
 
     def backward(self, losses: Losses, **kwargs: Any) -> None:
         """Drop-in for ``losses.sum().backward(**kwargs)``; runs ``self.loss(losses).backward()``.
@@ -401,12 +401,12 @@ class FAMOWeighting(nn.Module):
         compiled = is_compiling()
         with _no_grad(compiled):
             state = self._state
-            recording = state.prepare_compiled(batch) if compiled else state.prepare(batch)
+            weights, commit = state.prepare_compiled(batch) if compiled else state.prepare(batch)
         # Nothing is recorded until the backward pass has run: if it raises (out of memory, a
         # freed graph), the call changed nothing and the step can be retried.
-        _weighted_sum(batch, recording.weights).backward(**kwargs)  # type: ignore[no-untyped-call]
+        _weighted_sum(batch, weights).backward(**kwargs)  # type: ignore[no-untyped-call]
         with _no_grad(compiled):
-            recording.commit()
+            commit()
 
     def update(self, new_losses: Any, *, skip: bool | Tensor = False) -> None:
         r"""The logit step from how much each loss fell since :meth:`loss` (a learning step).
