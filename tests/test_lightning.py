@@ -129,6 +129,14 @@ def test_a_trainer_run_equals_the_plain_loop(accumulate: int, extra_forward: boo
     assert module.famo.logits.abs().min() > 1e-3
 
 
+def checkpointing(folder: Path) -> dict[str, Any]:
+    """Trainer options: FAMOCallback, and Lightning's ModelCheckpoint at each epoch's end."""
+    saving = pl.callbacks.ModelCheckpoint(
+        dirpath=folder, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True
+    )
+    return {"callbacks": [FAMOCallback(), saving], "enable_checkpointing": True}
+
+
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 @pytest.mark.parametrize("extra_forward", [True, False])
 def test_resuming_from_a_lightning_checkpoint_is_bit_identical(
@@ -137,12 +145,6 @@ def test_resuming_from_a_lightning_checkpoint_is_bit_identical(
     # Lightning's ModelCheckpoint at each epoch's end. One batch per epoch, so that the data
     # order does not depend on how Lightning replays a resumed epoch (it restarts a plain
     # DataLoader from its first batch). FAMO's state is in the module's state_dict.
-    def checkpointing(folder: Path) -> dict[str, Any]:
-        saving = pl.callbacks.ModelCheckpoint(
-            dirpath=folder, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True
-        )
-        return {"callbacks": [FAMOCallback(), saving], "enable_checkpointing": True}
-
     straight = MultiTask(extra_forward=extra_forward).double()
     trainer(4, **checkpointing(tmp_path / "straight")).fit(straight, loader(1))
     path = tmp_path / "straight" / "epoch=1-step=2.ckpt"
@@ -178,12 +180,6 @@ class SavesOnlyTheNetwork(MultiTask):
 def test_a_checkpoint_whose_module_state_leaves_famo_out_still_resumes_bit_identically(
     extra_forward: bool, tmp_path: Path
 ) -> None:
-    def checkpointing(folder: Path) -> dict[str, Any]:
-        saving = pl.callbacks.ModelCheckpoint(
-            dirpath=folder, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True
-        )
-        return {"callbacks": [FAMOCallback(), saving], "enable_checkpointing": True}
-
     straight = SavesOnlyTheNetwork(extra_forward=extra_forward).double()
     trainer(4, **checkpointing(tmp_path / "straight")).fit(straight, loader(1))
     path = tmp_path / "straight" / "epoch=1-step=2.ckpt"

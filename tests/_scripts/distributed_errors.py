@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from famo import FAMOWeighting
-from tests._scripts.teardown import exit_worker
+from tests._scripts.teardown import save_on_rank_0_and_exit
 
 F64 = torch.float64
 STEPS = 5
@@ -84,11 +84,7 @@ def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results = {"shared": train(None, rank), "own": train(False, rank)}
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results)
-    if rank == 0:
-        torch.save(gathered, out)
-    exit_worker()  # not destroy_process_group() and the interpreter's exit: see teardown.py
+    save_on_rank_0_and_exit(results, out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from famo import FAMOWeighting
-from tests._scripts.teardown import exit_worker
+from tests._scripts.teardown import save_on_rank_0_and_exit
 
 TASKS = 3
 GLOBAL_BATCH = 16
@@ -165,11 +165,7 @@ def main(out: str) -> None:
         "fsdp": run_fsdp(rank, world),
         "groups": run_groups(rank, world),
     }
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, results)
-    if rank == 0:
-        torch.save(gathered, out)
-    exit_worker()  # not destroy_process_group() and the interpreter's exit: see teardown.py
+    save_on_rank_0_and_exit(results, out)
 
 
 if __name__ == "__main__":

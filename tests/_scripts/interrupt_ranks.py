@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from famo import FAMOWeighting
-from tests._scripts.teardown import exit_worker
+from tests._scripts.teardown import save_on_rank_0_and_exit
 from tests.test_interrupts import LOSSES, InterruptAfter, K, differences, state_of
 
 INTERRUPTED = 1
@@ -139,11 +139,7 @@ def main(out: str) -> None:
     collectives = Collectives()
     dist.all_reduce = collectives  # famo calls torch.distributed.all_reduce through the module
     results = {name: interrupt_every_point(name, rank, collectives) for name in CALLS}
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results)
-    if rank == 0:
-        torch.save(gathered, out)
-    exit_worker()  # not destroy_process_group() and the interpreter's exit: see teardown.py
+    save_on_rank_0_and_exit(results, out)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
+import torch
 import torch.distributed as dist
 
 
@@ -49,3 +50,13 @@ def exit_worker(code: int = 0, *, strict: bool = True) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def save_on_rank_0_and_exit(results: Any, out: str) -> NoReturn:
+    """Gather every rank's ``results`` (a list, in rank order), save it to ``out`` on rank 0,
+    and end the worker (:func:`exit_worker`)."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        torch.save(gathered, out)
+    exit_worker()  # not destroy_process_group() and the interpreter's exit: see above
