@@ -51,15 +51,13 @@ class Entry:
 
     ``kind``: its dtype rule (see the module docstring). ``shape``: ``"k"`` (one value per
     task), ``"scalar"``, ``"steps"`` (scalar, or per task with ``allow_missing_tasks``) or
-    ``"bytes"``. ``mutable``: the training calls write it (the rest identify the checkpoint, or
-    change only on assignment). ``whole``: holds whole numbers ≥ 0. ``since``: the layout
+    ``"bytes"``. ``whole``: holds whole numbers ≥ 0. ``since``: the layout
     version that introduced it; a checkpoint of an older layout gets zeros.
     """
 
     name: str
     kind: str
     shape: str
-    mutable: bool = True
     whole: bool = False
     since: int = 1
 
@@ -69,7 +67,7 @@ LAYOUT: Final = (
     Entry("exp_avg", "state", "k"),
     Entry("exp_avg_sq", "state", "k"),
     Entry("adam_step", "count", "steps", whole=True),
-    Entry("lower_bounds", "bounds", "k", mutable=False),
+    Entry("lower_bounds", "bounds", "k"),
     Entry("window_sum", "state", "k"),
     Entry("window_count", "state", "k", whole=True),
     Entry("window_stepped", "flag", "scalar"),
@@ -77,13 +75,11 @@ LAYOUT: Final = (
     Entry("block_count", "count", "scalar", whole=True, since=3),
     Entry("block_sum", "state", "k", since=3),
     Entry("block_tasks", "state", "k", whole=True, since=3),
-    Entry("task_names_utf8", "bytes", "bytes", mutable=False),
-    Entry("format_version", "version", "scalar", mutable=False),
+    Entry("task_names_utf8", "bytes", "bytes"),
+    Entry("format_version", "version", "scalar"),
 )
 BY_NAME: Final = {entry.name: entry for entry in LAYOUT}
 KEYS: Final = tuple(entry.name for entry in LAYOUT)
-#: What the training calls write, in layout order.
-MUTABLE: Final = tuple(entry.name for entry in LAYOUT if entry.mutable)
 #: Floating-point entries (state, count, bounds): what a checkpoint check converts and bounds.
 FLOATING: Final = tuple(e.name for e in LAYOUT if e.kind in ("state", "count", "bounds"))
 _LOW_PRECISION: Final = (torch.float16, torch.bfloat16)

@@ -559,18 +559,11 @@ class State:
             and (self.attachment is None or facts.stepped)
         )
         offset = self.offset_now()
-        if mask is None:  # (functional.log_distance, inline: the common case)
-            log_d = torch.add(values, offset).log_()
-        else:
-            log_d = functional.log_distance(values, offset, mask)
+        log_d = functional.log_distance(values, offset, mask)
         if settings["validate"]:
             self.check(batch, values, log_d, "losses", accumulate=facts.pending and not learns)
         if not learns:
-            logits = self.current("logits")
-            if mask is None:  # (functional.weights_from_log_distance, inline)
-                weights = torch.softmax(torch.sub(logits, log_d), dim=0)
-            else:
-                weights = functional.weights_from_log_distance(_outside(logits, mask), log_d)
+            weights = functional.weights_from_log_distance(_outside(self.logits, mask), log_d)
             present = self.constants["one"] if mask is None else mask.to(values.dtype)
             lone = not facts.pending and mask is None
 
