@@ -29,6 +29,7 @@ from __future__ import annotations
 import operator
 import weakref
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -44,6 +45,7 @@ ADAM = ("logits", "exp_avg", "exp_avg_sq", "adam_step")
 WINDOW = ("window_sum", "window_count", "window_stepped")
 TRACKED = ADAM + WINDOW
 _TRACKED = operator.itemgetter(*TRACKED)
+ADAM_OF = operator.itemgetter(*ADAM)
 _VERSION = operator.attrgetter("_version")
 is_compiling = functional.is_compiling
 
@@ -65,6 +67,29 @@ class Facts(NamedTuple):
     lone_log: Tensor | None  # log D of the window's only call
     seen: tuple[Tensor, ...]  # the TRACKED buffers these facts describe
     versions: tuple[int, ...]  # their version counters then
+
+
+class Lanes(NamedTuple):
+    """The lists of the common commits, built once per set of buffers and mirror (the same
+    tensors take part at every step): a record, and a plain logit step with the window's reset.
+    """
+
+    record: list[Tensor]  # window_sum, window_count: the buffers', then the mirror's
+    step: list[Tensor]  # every ADAM and WINDOW buffer, then the mirror's WINDOW
+    step_values: list[Tensor]  # the mirror's ADAM (the step's work area), then zeros
+    unstepped: list[Tensor]  # `step` less window_stepped (still 0 where nothing marked it)
+    unstepped_values: list[Tensor]
+    work: tuple[Tensor, Tensor, Tensor, Tensor]  # the mirror's ADAM
+
+
+class Pending(NamedTuple):
+    """A recording call computed and not yet committed (:meth:`State._record`)."""
+
+    facts: Facts  # as the call found them
+    values: Tensor  # the losses to add to the window
+    mask: Tensor | None  # the tasks they hold (None: every task)
+    weights: Tensor  # w for the call's losses
+    lone: Tensor | None  # their log D, where they open the window with every task
 
 
 #: A recording call, computed but not yet committed (:meth:`State.prepare`): the weights w for
@@ -103,6 +128,7 @@ class State:
         self.mirror_ok = False  # the mirror equals the buffers
         self.mirror_started = False  # this call began with a current mirror
         self.target_cache: dict[tuple[tuple[str, ...], bool], list[Tensor]] = {}
+        self.lanes: Lanes | None = None
         self.constants: dict[str, Tensor] = {}
         self.offset_key: tuple[Any, ...] = ()
         self.offset = torch.zeros(0)
@@ -131,7 +157,7 @@ class State:
         }
         self.offset_key = ()
         self.mirror_ok = False
-        self.target_cache = {}
+        self.target_cache, self.lanes = {}, None
         self._note_identity()
         self.facts = facts if facts is not None else self._derive()
         if not logits.is_meta:
@@ -256,7 +282,7 @@ class State:
                 torch._foreach_copy_(mirror, current)
             else:
                 self.mirror = {key: t.clone() for key, t in zip(_layout.KEYS, current, strict=True)}
-                self.target_cache = {}
+                self.target_cache, self.lanes = {}, None
             self.mirror_ok = True
         self.mirror_started = True
 
@@ -546,9 +572,27 @@ class State:
     # ------------------------------------------------------------------ a recording call
 
     def prepare(self, batch: LossVector) -> Recording:
-        """A recording ``loss``: the weights for the call's losses, and the commit that records
-        them (and, with ``extra_forward=False``, takes the pending logit step first). Eager;
-        :meth:`prepare_compiled` under ``torch.compile``."""
+        """A recording call (``backward``): the weights for the call's losses, and the commit
+        that records them (and, with ``extra_forward=False``, takes the pending logit step
+        first). Eager; :meth:`prepare_compiled` under ``torch.compile``."""
+        found = self._compute(batch)
+        if isinstance(found, Pending):
+            return found.weights, partial(self._record, found)
+        return found
+
+    def record(self, batch: LossVector) -> Tensor:
+        """A recording ``loss``: :meth:`prepare` and its commit at once; the weights."""
+        found = self._compute(batch)
+        if isinstance(found, Pending):
+            self._record(found)
+            return found.weights
+        weights, commit = found
+        commit()
+        return weights
+
+    def _compute(self, batch: LossVector) -> Pending | Recording:
+        """What a recording call records (:class:`Pending`, for :meth:`_record`), or, where it
+        also takes the pending logit step, that step and the record as a :data:`Recording`."""
         values, mask = self.values(batch, follow=True, param="losses")
         facts = self.sync()
         self._ensure_mirror()
@@ -558,33 +602,13 @@ class State:
             and facts.pending
             and (self.attachment is None or facts.stepped)
         )
-        offset = self.offset_now()
-        log_d = functional.log_distance(values, offset, mask)
+        log_d = functional.log_distance(values, self.offset_now(), mask)
         if settings["validate"]:
             self.check(batch, values, log_d, "losses", accumulate=facts.pending and not learns)
         if not learns:
             weights = functional.weights_from_log_distance(_outside(self.logits, mask), log_d)
-            present = self.constants["one"] if mask is None else mask.to(values.dtype)
-            lone = not facts.pending and mask is None
-
-            def record() -> None:
-                self._ensure_mirror()  # (a no-op unless the buffers changed since `prepare`)
-                self._commit(
-                    torch._foreach_add_,
-                    WINDOW[:2],
-                    [values, present],
-                    lambda seen, versions: Facts(
-                        True,
-                        facts.stepped,
-                        facts.calls + 1 if facts.calls is not None else None,
-                        log_d if lone else None,
-                        seen,
-                        versions,
-                    ),
-                    weights,
-                )
-
-            return weights, record
+            lone = log_d if not facts.pending and mask is None else None
+            return Pending(facts, values, mask, weights, lone)
         # extra_forward=False: this call's losses end the previous step, then open the window.
         keys, new = self._learn(facts, log_d, mask, None)
         logits = new[keys.index("logits")] if "logits" in keys else self.logits
@@ -604,6 +628,58 @@ class State:
 
         return weights, learn_and_record
 
+    def _record(self, pending: Pending) -> None:
+        """Commit a recording call that :meth:`_compute` computed: the losses added to the
+        window, in one operation into the buffers and the mirror (a copy into an empty window, an
+        addition to one that holds losses)."""
+        facts, values, mask, weights, lone = pending
+        calls = facts.calls + 1 if facts.calls is not None else None
+        if mask is not None or self.facts is not facts or not self.mirror_ok:
+            # (Missing tasks, or the state changed since `prepare`: a hook inside backward.)
+            self._ensure_mirror()
+            self._commit(
+                torch._foreach_add_,
+                WINDOW[:2],
+                [values, self.constants["one"] if mask is None else mask.to(values.dtype)],
+                lambda seen, versions: Facts(True, facts.stepped, calls, lone, seen, versions),
+                weights,
+            )
+            return
+        targets = self._lanes().record
+        one = self.constants["one"]
+        self.facts = None
+        self.mirror_ok = self.mirror_started = False
+        previous, version = self.applied, targets[0]._version
+        # (An empty window holds zeros: the first call's losses are copied in, the next added.)
+        write = torch._foreach_add_ if facts.pending else torch._foreach_copy_
+        try:
+            self.applied = weights
+            write(targets, [values, one, values, one])
+        except BaseException:
+            if targets[0]._version == version:  # not written: the call did not happen
+                self.applied = previous
+            raise
+        self.mirror_ok = True
+        seen = facts.seen
+        self.facts = Facts(True, facts.stepped, calls, lone, seen, tuple(map(_VERSION, seen)))
+
+    def _lanes(self) -> Lanes:
+        lanes = self.lanes
+        if lanes is None:
+            b, m, zero = self.buffers, self.mirror, self.constants["zero"]
+            work = (m["logits"], m["exp_avg"], m["exp_avg_sq"], m["adam_step"])
+            sums = [b["window_sum"], b["window_count"], m["window_sum"], m["window_count"]]
+            stepped = [b["window_stepped"], m["window_stepped"]]
+            self.lanes = lanes = Lanes(
+                record=sums,
+                step=[*ADAM_OF(b), *sums, *stepped],
+                step_values=[*work, zero, zero, zero, zero, *[self.constants["false"]] * 2],
+                unstepped=[*ADAM_OF(b), *sums],
+                unstepped_values=[*work, zero, zero, zero, zero],
+                work=work,
+            )
+        return lanes
+
     def update(self, batch: LossVector, skip_tensor: Tensor | None, facts: Facts) -> None:
         """``update``: the logit step from the window to ``batch`` (the caller synced, checked
         the mode, that losses wait, and that ``skip`` is not True). Eager;
@@ -615,6 +691,25 @@ class State:
         after = functional.log_distance(values, self.offset_now(), mask)
         if self.settings["validate"]:
             self.check(batch, values, after, "new_losses", accumulate=False)
+        if self.plain and skip_tensor is None and mask is None:
+            self._ensure_mirror()
+            lanes = self._lanes()
+            before = facts.lone_log
+            if before is None or facts.calls != 1:
+                before = self._window_log_distance(facts, mask)
+            fused = self.fused(lanes.work[0].device)
+            self.mirror_ok = False  # the work area now holds the step, not the state
+            plain_step_(lanes.work, before, after, self.adam, fused)
+            self.facts = None
+            self.mirror_started = False
+            if facts.stepped:
+                torch._foreach_copy_(lanes.step, lanes.step_values)
+            else:  # (the window's stepped flag is 0 already)
+                torch._foreach_copy_(lanes.unstepped, lanes.unstepped_values)
+            self.mirror_ok = True
+            seen = facts.seen
+            self.facts = Facts(False, False, 0, None, seen, tuple(map(_VERSION, seen)))
+            return
         go = None if skip_tensor is None else ~skip_tensor.to(after.device)
         keys, new = self._learn(facts, after, mask, go)
         const = self.constants
@@ -625,6 +720,17 @@ class State:
             lambda seen, versions: Facts(False, False, 0, None, seen, versions),
         )
 
+    def _window_log_distance(self, facts: Facts, mask: Tensor | None) -> Tensor:
+        """log D of the window's mean, from the mirror."""
+        mirror = self.mirror
+        return window_log_distance(
+            mirror["window_sum"],
+            mirror["window_count"],
+            self.offset_now(),
+            facts.calls if mask is None else None,
+            self.settings["allow_missing_tasks"],
+        )
+
     def _learn(
         self, facts: Facts, after: Tensor, mask: Tensor | None, go: Tensor | None
     ) -> tuple[tuple[str, ...], list[Tensor]]:
@@ -632,13 +738,9 @@ class State:
         their new values. The common case runs in the mirror; the rest out of place."""
         self._ensure_mirror()
         mirror = self.mirror
-        masked = self.settings["allow_missing_tasks"]
-        calls = facts.calls if mask is None else None
-        if facts.lone_log is not None and calls == 1:
-            before = facts.lone_log
-        else:
-            total, count = mirror["window_sum"], mirror["window_count"]
-            before = window_log_distance(total, count, self.offset_now(), calls, masked)
+        before = facts.lone_log
+        if before is None or facts.calls != 1 or mask is not None:
+            before = self._window_log_distance(facts, mask)
         fused = self.fused(mirror["logits"].device)
         if self.plain and go is None:
             work = (mirror["logits"], mirror["exp_avg"], mirror["exp_avg_sq"], mirror["adam_step"])

@@ -369,9 +369,16 @@ class FAMOWeighting(nn.Module):
                 weights = state.evaluate(batch, compiled)
             return _weighted_sum(batch, weights)
         require_grad(batch)
-        with _no_grad(compiled):
-            weights, commit = state.prepare_compiled(batch) if compiled else state.prepare(batch)
-            commit()
+        if compiled:
+            with torch.no_grad():
+                weights, commit = state.prepare_compiled(batch)
+                commit()
+        else:
+            try:  # (grad mode is on here: back on, however the block ends)
+                torch._C._set_grad_enabled(False)
+                weights = state.record(batch)
+            finally:
+                torch._C._set_grad_enabled(True)
         return _weighted_sum(batch, weights)
 
     def backward(self, losses: Losses, **kwargs: Any) -> None:
@@ -450,15 +457,24 @@ class FAMOWeighting(nn.Module):
                 "`loss(losses)` before the optimizer step, then `update(new_losses)` once after "
                 "it; `update` consumes the recorded losses."
             )
-        skip_tensor = check_skip(skip)
+        skip_tensor = None if skip is False else check_skip(skip)
         batch = self._read(new_losses, "new_losses")
-        with _no_grad(compiled):
+        if facts is None:
+            with torch.no_grad():
+                if skip is True:
+                    state.clear()
+                else:
+                    state.update_compiled(batch, skip_tensor)
+            return
+        previous = torch._C.is_grad_enabled()
+        try:  # (grad mode as it was, however the block ends)
+            torch._C._set_grad_enabled(False)
             if skip is True:
                 state.clear()  # the step did not happen: nothing to learn from
-            elif facts is None:
-                state.update_compiled(batch, skip_tensor)
             else:
                 state.update(batch, skip_tensor, facts)
+        finally:
+            torch._C._set_grad_enabled(previous)
 
     def discard(self) -> None:
         """Forget the recorded losses without learning from them (the step did not happen).
