@@ -214,3 +214,21 @@ def test_profile_step_smoke(form: str, capsys: pytest.CaptureFixture[str]) -> No
         torch.set_num_threads(threads)
     assert {"famo: loss", "famo: update", "straight-line: step"} <= set(times)
     assert "by own time" in capsys.readouterr().out
+
+
+def test_compare_times_two_revisions_of_famo() -> None:
+    """`benchmarks.compare` imports the old famo in its `before` processes (it refuses to report
+    otherwise) and prints one row per k."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        pytest.skip("benchmarks.compare reads famo's history with git: not a git checkout")
+    command = [sys.executable, "-m", "benchmarks.compare", "--before", "HEAD", "--k", "2", "5"]
+    command += ["--rounds", "1", "--blocks", "1", "--calls", "3"]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, check=True)
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "µs" in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["2", "5"]
+    for row in rows:
+        assert float(row.split("|")[-2]) > 0  # after / before
