@@ -590,6 +590,12 @@ class State:
         commit()
         return weights
 
+    def record_compiled(self, batch: LossVector) -> Tensor:
+        """:meth:`record` under ``torch.compile``."""
+        weights, commit = self.prepare_compiled(batch)
+        commit()
+        return weights
+
     def _compute(self, batch: LossVector) -> Pending | Recording:
         """What a recording call records (:class:`Pending`, for :meth:`_record`), or, where it
         also takes the pending logit step, that step and the record as a :data:`Recording`."""

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar, overload
 
 import torch
@@ -365,21 +364,12 @@ class FAMOWeighting(nn.Module):
             or (not compiled and _replaying())
             or _meta_call(batch, self._buffers["logits"])
         ):
-            with _no_grad(compiled):  # (meta losses trace shapes: computed on copies)
-                weights = state.evaluate(batch, compiled)
+            # (Meta losses trace shapes: computed on copies.)
+            weights = _without_grad(compiled, state.evaluate, batch, compiled)
             return _weighted_sum(batch, weights)
         require_grad(batch)
-        if compiled:
-            with torch.no_grad():
-                weights, commit = state.prepare_compiled(batch)
-                commit()
-        else:
-            try:  # (grad mode is on here: back on, however the block ends)
-                torch._C._set_grad_enabled(False)
-                weights = state.record(batch)
-            finally:
-                torch._C._set_grad_enabled(True)
-        return _weighted_sum(batch, weights)
+        record = state.record_compiled if compiled else state.record
+        return _weighted_sum(batch, _without_grad(compiled, record, batch))
 
     def backward(self, losses: Losses, **kwargs: Any) -> None:
         """Drop-in for ``losses.sum().backward(**kwargs)``; runs ``self.loss(losses).backward()``.
@@ -406,14 +396,13 @@ class FAMOWeighting(nn.Module):
         batch = self._read(losses, "losses")
         require_grad(batch)
         compiled = is_compiling()
-        with _no_grad(compiled):
-            state = self._state
-            weights, commit = state.prepare_compiled(batch) if compiled else state.prepare(batch)
+        state = self._state
+        prepare = state.prepare_compiled if compiled else state.prepare
+        weights, commit = _without_grad(compiled, prepare, batch)
         # Nothing is recorded until the backward pass has run: if it raises (out of memory, a
         # freed graph), the call changed nothing and the step can be retried.
         _weighted_sum(batch, weights).backward(**kwargs)  # type: ignore[no-untyped-call]
-        with _no_grad(compiled):
-            commit()
+        _without_grad(compiled, commit)
 
     def update(self, new_losses: Any, *, skip: bool | Tensor = False) -> None:
         r"""The logit step from how much each loss fell since :meth:`loss` (a learning step).
@@ -459,22 +448,12 @@ class FAMOWeighting(nn.Module):
             )
         skip_tensor = None if skip is False else check_skip(skip)
         batch = self._read(new_losses, "new_losses")
-        if facts is None:
-            with torch.no_grad():
-                if skip is True:
-                    state.clear()
-                else:
-                    state.update_compiled(batch, skip_tensor)
-            return
-        previous = torch._C.is_grad_enabled()
-        try:  # (grad mode as it was, however the block ends)
-            torch._C._set_grad_enabled(False)
-            if skip is True:
-                state.clear()  # the step did not happen: nothing to learn from
-            else:
-                state.update(batch, skip_tensor, facts)
-        finally:
-            torch._C._set_grad_enabled(previous)
+        if skip is True:
+            _without_grad(compiled, state.clear)  # the step did not happen: nothing to learn
+        elif facts is None:
+            _without_grad(True, state.update_compiled, batch, skip_tensor)
+        else:
+            _without_grad(False, state.update, batch, skip_tensor, facts)
 
     def discard(self) -> None:
         """Forget the recorded losses without learning from them (the step did not happen).
@@ -485,8 +464,7 @@ class FAMOWeighting(nn.Module):
         >>> famo.pending
         False
         """
-        with _no_grad(False):
-            self._state.clear()
+        _without_grad(False, self._state.clear)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Attachment:
         """Learn on the optimizer's real steps, through ``register_step_post_hook``.
@@ -588,26 +566,22 @@ class FAMOWeighting(nn.Module):
             error_msgs.append(str(error))
 
 
-class _NoGrad:
-    """``torch.no_grad()`` for eager calls, with no Python-visible torch call on the way out: an
-    interrupt delivered inside the block cannot leave autograd disabled."""
+def _without_grad(compiled: bool, call: Callable[..., T], *args: Any) -> T:
+    """``call(*args)`` with autograd off, then grad mode as it was, however the call ends.
 
-    __slots__ = ("previous",)
-
-    def __enter__(self) -> None:
-        self.previous = torch._C.is_grad_enabled()
-        try:
-            torch._C._set_grad_enabled(False)
-        except BaseException:  # (delivered right after the switch: switched back)
-            torch._C._set_grad_enabled(self.previous)
-            raise
-
-    def __exit__(self, *exc_info: object) -> None:
-        torch._C._set_grad_enabled(self.previous)
-
-
-def _no_grad(compiled: bool) -> AbstractContextManager[Any]:
-    return torch.no_grad() if compiled else _NoGrad()
+    Eager, a switch inside a ``try`` block rather than ``torch.no_grad()``: a context manager's
+    protocol costs about a microsecond per call, and an interrupt delivered just after its switch
+    could leave autograd off. Compiled, ``torch.no_grad()``, which dynamo traces.
+    """
+    if compiled:
+        with torch.no_grad():
+            return call(*args)
+    previous = torch._C.is_grad_enabled()
+    try:
+        torch._C._set_grad_enabled(False)
+        return call(*args)
+    finally:
+        torch._C._set_grad_enabled(previous)
 
 
 def _weighted_sum(batch: LossVector, weights: Tensor) -> Tensor:
