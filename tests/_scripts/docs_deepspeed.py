@@ -57,7 +57,7 @@ def main() -> None:
     assert all(torch.equal(logits, famo.logits) for logits in everyone)  # on every rank
     if rank == 0:
         print("optimizer steps FAMO learned from:", famo.steps.tolist())
-        print("weights:", famo.weights_dict(as_floats=True))  # z, the task weights
+        print(f"weights: {famo.weights_dict(as_floats=True)}")  # z, the task weights
     dist.destroy_process_group()
 
 

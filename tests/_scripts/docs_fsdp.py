@@ -37,7 +37,7 @@ def main() -> None:
     dist.all_gather(everyone, famo.logits)
     assert all(torch.equal(logits, famo.logits) for logits in everyone)
     if rank == 0:
-        print("weights on every rank:", famo.weights.tolist())  # z, the task weights
+        print(f"weights on every rank: {famo.weights.tolist()}")  # z, the task weights
     dist.destroy_process_group()
 
 

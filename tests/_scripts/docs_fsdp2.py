@@ -71,7 +71,7 @@ def main() -> None:
     for before, after in zip(model.parameters(), resumed[0].parameters(), strict=True):
         assert torch.equal(before.full_tensor(), after.full_tensor())
     if rank == 0:
-        print("steps:", famo.steps.tolist(), "weights:", famo.weights.tolist())  # z
+        print(f"steps: {famo.steps.tolist()} weights: {famo.weights.tolist()}")  # z
     dist.destroy_process_group()
 
 

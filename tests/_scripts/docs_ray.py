@@ -71,4 +71,4 @@ resumed = fit("resumed", resume_from=after_two_epochs)  # epochs 2 and 3 again
 # The resumed run ends exactly where the run that never stopped ends.
 assert resumed.metrics["logits"] == straight.metrics["logits"]
 weights = torch.softmax(torch.tensor(straight.metrics["logits"]), dim=0)
-print("weights:", weights.tolist())  # z, the task weights
+print(f"weights: {weights.tolist()}")  # z, the task weights

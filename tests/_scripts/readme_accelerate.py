@@ -28,4 +28,4 @@ for inputs, targets in data:
 
 accelerator.save_state("checkpoint")  # model, optimizer, RNG states and FAMO
 accelerator.load_state("checkpoint")
-print("weights:", famo.weights_dict(as_floats=True))  # z, the task weights
+print(f"weights: {famo.weights_dict(as_floats=True)}")  # z, the task weights

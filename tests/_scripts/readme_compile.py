@@ -29,4 +29,4 @@ for _ in range(20):
     forward_loss().backward()
     optimizer.step()
     update()
-print("weights:", famo.weights.tolist())  # z, the task weights
+print(f"weights: {famo.weights.tolist()}")  # z, the task weights

@@ -36,4 +36,4 @@ trainer = pl.Trainer(
 )
 module = TwoTasks()
 trainer.fit(module, data)
-print("weights:", module.famo.weights.tolist())  # z, the task weights
+print(f"weights: {module.famo.weights.tolist()}")  # z, the task weights
