@@ -75,10 +75,10 @@ class Lanes(NamedTuple):
     """
 
     record: list[Tensor]  # window_sum, window_count: the buffers', then the mirror's
-    step: list[Tensor]  # every ADAM and WINDOW buffer, then the mirror's WINDOW
+    step: list[Tensor]  # the ADAM buffers, `record`, then both window_stepped
     step_values: list[Tensor]  # the mirror's ADAM (the step's work area), then zeros
     unstepped: list[Tensor]  # `step` less window_stepped (still 0 where nothing marked it)
-    unstepped_values: list[Tensor]
+    unstepped_values: list[Tensor]  # `step_values` less the same
     work: tuple[Tensor, Tensor, Tensor, Tensor]  # the mirror's ADAM
 
 
@@ -316,20 +316,31 @@ class State:
             if applied is not None:
                 self.applied = applied
         else:
-            previous, version = self.applied, targets[0]._version
-            self.applied = applied
-            try:
-                write(targets, values)
-            except BaseException:
-                if targets[0]._version == version:  # not written: the call did not happen
-                    self.applied = previous
-                raise
+            self._write_applying(write, targets, values, applied)
         if compiled:
             return
         self.mirror_ok = mirrored
         if facts is not None:
             seen, versions = self._seen()
             self.facts = facts(seen, versions)
+
+    def _write_applying(
+        self,
+        write: Callable[[list[Tensor], list[Tensor]], Any],
+        targets: list[Tensor],
+        values: list[Tensor],
+        applied: Tensor,
+    ) -> None:
+        """``write(targets, values)``; ``applied`` (the call's loss weights) becomes
+        :attr:`applied` if and only if the write happens."""
+        previous, version = self.applied, targets[0]._version
+        self.applied = applied
+        try:
+            write(targets, values)
+        except BaseException:
+            if targets[0]._version == version:  # not written: the call did not happen
+                self.applied = previous
+            raise
 
     def _targets(self, keys: tuple[str, ...], in_mirror: bool) -> list[Tensor]:
         """The buffers ``keys`` and the mirror's (where the values are not there already), as
@@ -655,16 +666,9 @@ class State:
         one = self.constants["one"]
         self.facts = None
         self.mirror_ok = self.mirror_started = False
-        previous, version = self.applied, targets[0]._version
         # (An empty window holds zeros: the first call's losses are copied in, the next added.)
         write = torch._foreach_add_ if facts.pending else torch._foreach_copy_
-        try:
-            self.applied = weights
-            write(targets, [values, one, values, one])
-        except BaseException:
-            if targets[0]._version == version:  # not written: the call did not happen
-                self.applied = previous
-            raise
+        self._write_applying(write, targets, [values, one, values, one], weights)
         self.mirror_ok = True
         seen = facts.seen
         self.facts = Facts(True, facts.stepped, calls, lone, seen, tuple(map(_VERSION, seen)))
@@ -672,16 +676,17 @@ class State:
     def _lanes(self) -> Lanes:
         lanes = self.lanes
         if lanes is None:
-            b, m, zero = self.buffers, self.mirror, self.constants["zero"]
-            work = (m["logits"], m["exp_avg"], m["exp_avg_sq"], m["adam_step"])
+            b, m, const = self.buffers, self.mirror, self.constants
+            work = ADAM_OF(m)
             sums = [b["window_sum"], b["window_count"], m["window_sum"], m["window_count"]]
-            stepped = [b["window_stepped"], m["window_stepped"]]
+            step = [*ADAM_OF(b), *sums, b["window_stepped"], m["window_stepped"]]
+            values = [*work, *[const["zero"]] * 4, const["false"], const["false"]]
             self.lanes = lanes = Lanes(
                 record=sums,
-                step=[*ADAM_OF(b), *sums, *stepped],
-                step_values=[*work, zero, zero, zero, zero, *[self.constants["false"]] * 2],
-                unstepped=[*ADAM_OF(b), *sums],
-                unstepped_values=[*work, zero, zero, zero, zero],
+                step=step,
+                step_values=values,
+                unstepped=step[:-2],
+                unstepped_values=values[:-2],
                 work=work,
             )
         return lanes
@@ -700,9 +705,7 @@ class State:
         if self.plain and skip_tensor is None and mask is None:
             self._ensure_mirror()
             lanes = self._lanes()
-            before = facts.lone_log
-            if before is None or facts.calls != 1:
-                before = self._window_log_distance(facts, mask)
+            before = self._window_log_distance(facts, mask)
             fused = self.fused(lanes.work[0].device)
             self.mirror_ok = False  # the work area now holds the step, not the state
             plain_step_(lanes.work, before, after, self.adam, fused)
@@ -727,7 +730,11 @@ class State:
         )
 
     def _window_log_distance(self, facts: Facts, mask: Tensor | None) -> Tensor:
-        """log D of the window's mean, from the mirror."""
+        """log D of the window's mean: the lone call's, kept, where one call with every task
+        opened the window and ``mask`` (the step's losses) holds every task; else from the
+        mirror."""
+        if facts.lone_log is not None and facts.calls == 1 and mask is None:
+            return facts.lone_log
         mirror = self.mirror
         return window_log_distance(
             mirror["window_sum"],
@@ -744,12 +751,10 @@ class State:
         their new values. The common case runs in the mirror; the rest out of place."""
         self._ensure_mirror()
         mirror = self.mirror
-        before = facts.lone_log
-        if before is None or facts.calls != 1 or mask is not None:
-            before = self._window_log_distance(facts, mask)
+        before = self._window_log_distance(facts, mask)
         fused = self.fused(mirror["logits"].device)
         if self.plain and go is None:
-            work = (mirror["logits"], mirror["exp_avg"], mirror["exp_avg_sq"], mirror["adam_step"])
+            work = self._lanes().work
             self.mirror_ok = False  # the work area now holds the step, not the state
             plain_step_(work, before, after, self.adam, fused)
             return ADAM, list(work)

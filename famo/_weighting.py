@@ -446,7 +446,7 @@ class FAMOWeighting(nn.Module):
                 "`loss(losses)` before the optimizer step, then `update(new_losses)` once after "
                 "it; `update` consumes the recorded losses."
             )
-        skip_tensor = None if skip is False else check_skip(skip)
+        skip_tensor = check_skip(skip)
         batch = self._read(new_losses, "new_losses")
         if skip is True:
             _without_grad(compiled, state.clear)  # the step did not happen: nothing to learn
